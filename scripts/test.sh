@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (idempotent) and run the default test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+venv="${LORAPLEX_VENV:-.venv}"
+exec "$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,3 @@
+"""Placeholder replaced in the next commit."""
+def add_parser(subparsers):
+    pass
