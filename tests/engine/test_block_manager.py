@@ -1,0 +1,142 @@
+"""KV block bookkeeping: growth by position, slots, ref-counted sharing, and loud bookkeeping errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.server.block_manager import BlockAllocationError, BlockManager
+from loraplex.server.sequence import Sequence
+
+
+def _seq(num_prompt: int, num_virtual: int = 0) -> Sequence:
+    return Sequence("r", list(range(num_prompt)), max_new_tokens=4, num_virtual_tokens=num_virtual)
+
+
+def test_allocate_covers_computed_plus_new_positions_and_no_more():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = _seq(6)
+    assert bm.num_blocks_needed(seq, 6) == 2
+    bm.allocate(seq, 6)  # positions 0..5: blocks for 0-3 and 4-7
+    assert len(seq.block_table) == 2 and bm.num_free_blocks == 6
+    seq.num_computed_tokens = 6
+    bm.allocate(seq, 2)  # positions 6, 7 fit in the second block
+    assert len(seq.block_table) == 2
+    bm.allocate(seq, 3)  # position 8..10 need a third
+    assert len(seq.block_table) == 3 and bm.num_used_blocks == 3
+    assert bm.usage() == pytest.approx(3 / 8)
+    assert len(set(seq.block_table)) == 3
+
+
+def test_slot_maps_positions_through_the_block_table():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = _seq(5)
+    seq.block_table = [5, 2]
+    assert bm.slot(seq, 0) == 20
+    assert bm.slot(seq, 3) == 23
+    assert bm.slot(seq, 4) == 8
+    assert bm.slots(seq, 3, 6) == [23, 8, 9]
+    with pytest.raises(BlockAllocationError, match="position 8 of sequence .* covers 8 positions"):
+        bm.slot(seq, 8)
+    with pytest.raises(BlockAllocationError):
+        bm.slot(seq, -1)
+
+
+def test_virtual_positions_take_slots():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = _seq(5, num_virtual=3)
+    assert seq.num_positions == 8
+    bm.allocate(seq, seq.num_uncomputed_tokens)
+    assert len(seq.block_table) == 2
+
+
+def test_allocation_beyond_capacity_raises_and_changes_nothing():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a, b = _seq(8), _seq(8)
+    bm.allocate(a, 8)
+    assert bm.can_allocate(b, 4) and not bm.can_allocate(b, 5)
+    with pytest.raises(BlockAllocationError, match="out of KV blocks: need 2, 1 free of 3"):
+        bm.allocate(b, 8)
+    assert b.block_table == [] and bm.num_free_blocks == 1
+
+
+def test_free_returns_blocks_and_double_free_is_an_error():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    seq = _seq(5)
+    bm.allocate(seq, 5)
+    blocks = list(seq.block_table)
+    bm.free(seq)
+    assert seq.block_table == [] and bm.num_free_blocks == 4
+    assert all(bm.ref_count(b) == 0 for b in blocks)
+    bm.free(seq)  # an empty table frees nothing: not a double free
+    assert bm.num_free_blocks == 4
+    with pytest.raises(BlockAllocationError, match=f"double free of KV block {blocks[0]}"):
+        bm.free_blocks([blocks[0]])
+    assert bm.num_free_blocks == 4
+
+
+def test_double_free_within_one_call_changes_nothing():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    blocks = bm.allocate_blocks(2)
+    with pytest.raises(BlockAllocationError, match="double free"):
+        bm.free_blocks([blocks[0], blocks[1], blocks[0]])
+    assert [bm.ref_count(b) for b in blocks] == [1, 1] and bm.num_free_blocks == 2
+
+
+def test_unknown_block_ids_are_refused():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    for bad in (-1, 4, "0"):
+        with pytest.raises(BlockAllocationError, match="is not a KV block id"):
+            bm.free_blocks([bad])
+
+
+def test_shared_prefix_blocks_are_ref_counted():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prefix = bm.allocate_blocks(2)  # e.g. an adapter's virtual KV, owned by the adapter store
+    seqs = [_seq(3, num_virtual=8) for _ in range(3)]
+    for seq in seqs:
+        seq.block_table = bm.share(prefix)
+        seq.num_computed_tokens = 8
+    assert [bm.ref_count(b) for b in prefix] == [4, 4]
+    assert bm.num_used_blocks == 2
+
+    # Own blocks come after the shared ones: 8 virtual + 3 prompt positions need one more block each.
+    for seq in seqs:
+        assert bm.num_blocks_needed(seq, 3) == 1
+        bm.allocate(seq, 3)
+        assert seq.block_table[:2] == prefix and len(seq.block_table) == 3
+    assert bm.num_used_blocks == 5
+
+    bm.free(seqs[0])
+    bm.free(seqs[1])
+    assert [bm.ref_count(b) for b in prefix] == [2, 2]
+    assert bm.num_used_blocks == 3  # prefix + seqs[2]'s own block
+    bm.free_blocks(prefix)  # the owner lets go; seqs[2] still holds it
+    assert bm.num_used_blocks == 3
+    bm.free(seqs[2])
+    assert bm.num_free_blocks == 8 and all(bm.ref_count(b) == 0 for b in range(8))
+
+
+def test_sharing_a_free_block_is_an_error():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    [block] = bm.allocate_blocks(1)
+    bm.free_blocks([block])
+    with pytest.raises(BlockAllocationError, match=f"cannot share block {block}: it is free"):
+        bm.share([block])
+
+
+def test_freed_blocks_are_reused():
+    bm = BlockManager(num_blocks=2, block_size=2)
+    a = _seq(4)
+    bm.allocate(a, 4)
+    assert bm.num_free_blocks == 0
+    bm.free(a)
+    b = _seq(4)
+    bm.allocate(b, 4)
+    assert sorted(b.block_table) == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs", [{"num_blocks": 0, "block_size": 4}, {"num_blocks": 4, "block_size": 0}])
+def test_constructor_validates(kwargs):
+    bad = next(k for k, v in kwargs.items() if v == 0)
+    with pytest.raises(ValueError, match=bad):
+        BlockManager(**kwargs)
