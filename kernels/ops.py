@@ -1,0 +1,102 @@
+"""LoRA shrink/expand dispatch: Triton on CUDA, the torch segment loop elsewhere.
+
+    LORAPLEX_LORA_BACKEND=triton|torch|reference   forces a backend (read on every call)
+
+Semantics (all backends; r = ranks[i, a], a = slot of token t, −1 = no adapter):
+
+    shrink:  v[i, t, :r] = x[t] @ A[i, a, :r]ᵀ                                   fp32 accumulate, fp32 v
+    expand:  y[t, off_i : off_i + w_i] += scalings[i, a] · v[i, t, :r] @ B_t[a, :r, off_i : off_i + w_i]
+
+Layouts: A [num_slices, S, max_rank, in] and B_t [S, max_rank, out_total] (lora_B transposed,
+slices side by side in columns) are stacked weight pools indexed by device slot; only the first r
+rank rows of a slot are ever read. ranks [num_slices, S] int32 (0: the adapter does not target the
+slice, no work), scalings [num_slices, S] fp32. Tokens with slot −1 and rank-0 slices leave y
+bit-for-bit untouched. v entries outside ``[:r]`` of tokens with an adapter are unspecified.
+
+The Triton backend never syncs with the host and allocates nothing that depends on the data
+(``lora_apply`` with ``LoRAMeta.allocate(..., max_rank=...)`` allocates nothing at all), so a step
+can be captured in a CUDA graph; ``meta.update`` runs before capture/replay, outside the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from . import reference, torch_ops
+from .meta import LoRAMeta
+
+BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
+BACKENDS = ("triton", "torch", "reference")
+
+
+def select_backend(device: torch.device) -> str:
+    """``$LORAPLEX_LORA_BACKEND`` if set, else "triton" for CUDA tensors and "torch" otherwise."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def lora_shrink(
+    x: torch.Tensor,         # [T, in_features], fp16/bf16/fp32
+    A: torch.Tensor,         # [num_slices, S, max_rank, in_features], x's dtype, contiguous
+    ranks: torch.Tensor,     # [num_slices, S] int32
+    meta: LoRAMeta,          # updated for this step's T tokens
+    out: torch.Tensor | None = None,  # [num_slices, T, max_rank] fp32 (a view with unit last stride is fine)
+) -> torch.Tensor:
+    """v = shrink(x); returns ``out`` (allocated when None)."""
+    backend = select_backend(x.device)
+    if backend == "triton":
+        from .shrink import triton_shrink
+        return triton_shrink(x, A, ranks, meta, out=out)
+    if backend == "torch":
+        return torch_ops.torch_shrink(x, A, ranks, meta, out=out)
+    torch_ops._check_shrink(x, A, ranks, meta, out)
+    return reference.shrink_reference(x, A, ranks, meta.slots, out=out)
+
+
+def lora_expand(
+    v: torch.Tensor,         # [num_slices, T, max_rank], fp32 or B_t's dtype
+    B_t: torch.Tensor,       # [S, max_rank, out_total], y's dtype, contiguous
+    ranks: torch.Tensor,     # [num_slices, S] int32
+    scalings: torch.Tensor,  # [num_slices, S] fp32
+    meta: LoRAMeta,
+    y: torch.Tensor,         # [T, out_total], updated in place
+    slice_offsets: Sequence[int] | None = None,  # None: equal widths side by side
+    slice_widths: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """y += expand(v), in place; returns y."""
+    backend = select_backend(y.device)
+    if backend == "triton":
+        from .expand import triton_expand
+        return triton_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
+    if backend == "torch":
+        return torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
+    from .checks import resolve_slices
+    torch_ops._check_expand(v, B_t, ranks, scalings, meta, y)
+    offsets, widths = resolve_slices(v.shape[0], y.shape[1], slice_offsets, slice_widths)
+    return reference.expand_reference(v, B_t, ranks, scalings, meta.slots, y, offsets, widths)
+
+
+def lora_apply(
+    x: torch.Tensor,         # [T, in_features]
+    y: torch.Tensor,         # [T, out_total], the base layer's output; updated in place
+    A: torch.Tensor,         # [num_slices, S, max_rank, in_features]
+    B_t: torch.Tensor,       # [S, max_rank, out_total]
+    ranks: torch.Tensor,     # [num_slices, S] int32
+    scalings: torch.Tensor,  # [num_slices, S] fp32
+    meta: LoRAMeta,
+    slice_offsets: Sequence[int] | None = None,
+    slice_widths: Sequence[int] | None = None,
+    v: torch.Tensor | None = None,  # scratch [num_slices, T, max_rank] fp32; default meta.workspace(...)
+) -> torch.Tensor:
+    """y += LoRA(x) for every token's adapter: shrink then expand. Returns y."""
+    if v is None:
+        v = meta.workspace(A.shape[0], A.shape[2])
+    lora_shrink(x, A, ranks, meta, out=v)
+    return lora_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)

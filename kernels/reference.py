@@ -1,0 +1,66 @@
+"""Plain torch references for shrink and expand: a loop over slots, in fp32. The test oracle.
+
+They read the per-token slot vector directly (not ``LoRAMeta``), so tests of the kernels also test
+the metadata. Shapes and semantics are those of ``ops.lora_shrink`` / ``ops.lora_expand``:
+
+    shrink:  v[i, t, :r] = x[t] @ A[i, slot_t, :r]ᵀ                     r = ranks[i, slot_t]
+    expand:  y[t, off_i : off_i + w_i] += s[i, slot_t] · v[i, t, :r] @ B_t[slot_t, :r, off_i : off_i + w_i]
+
+Tokens with slot −1 and (slice, slot) pairs with rank 0 are skipped. ``shrink_reference`` zeroes the
+rest of v; the fast paths leave it unspecified.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def shrink_reference(
+    x: torch.Tensor,            # [T, in_features]
+    A: torch.Tensor,            # [num_slices, S, max_rank, in_features]
+    ranks: torch.Tensor,        # [num_slices, S] int
+    token_slots: torch.Tensor,  # [T] int, −1 = no adapter
+    out: torch.Tensor | None = None,  # [num_slices, T, max_rank], any float dtype
+) -> torch.Tensor:
+    num_slices, _, max_rank, _ = A.shape
+    T = x.shape[0]
+    v = torch.zeros(num_slices, T, max_rank, dtype=torch.float32, device=x.device)
+    slots = token_slots.long().cpu()
+    ranks = ranks.cpu()
+    for slot in sorted(set(slots.tolist()) - {-1}):
+        idx = (slots == slot).nonzero().flatten().to(x.device)
+        xs = x[idx].float()
+        for i in range(num_slices):
+            r = int(ranks[i, slot])
+            if r:
+                v[i, idx, :r] = xs @ A[i, slot, :r].float().T
+    if out is None:
+        return v
+    out.copy_(v)
+    return out
+
+
+def expand_reference(
+    v: torch.Tensor,            # [num_slices, T, max_rank]
+    B_t: torch.Tensor,          # [S, max_rank, out_total]
+    ranks: torch.Tensor,        # [num_slices, S] int
+    scalings: torch.Tensor,     # [num_slices, S] float
+    token_slots: torch.Tensor,  # [T] int, −1 = no adapter
+    y: torch.Tensor,            # [T, out_total], updated in place
+    slice_offsets: Sequence[int],
+    slice_widths: Sequence[int],
+) -> torch.Tensor:
+    slots = token_slots.long().cpu()
+    ranks, scalings = ranks.cpu(), scalings.cpu()
+    for slot in sorted(set(slots.tolist()) - {-1}):
+        idx = (slots == slot).nonzero().flatten().to(y.device)
+        for i, (off, w) in enumerate(zip(slice_offsets, slice_widths)):
+            r = int(ranks[i, slot])
+            if r == 0:
+                continue
+            delta = v[i, idx, :r].float() @ B_t[slot, :r, off:off + w].float()
+            cols = y[idx, off:off + w].float() + float(scalings[i, slot]) * delta
+            y[idx, off:off + w] = cols.to(y.dtype)
+    return y
