@@ -39,7 +39,8 @@ class DemoModelSpec:
     vocab_size: int = 2048
     """Target size of the byte-level BPE vocabulary (special tokens included)."""
     hidden_size: int = 256
-    intermediate_size: int = 688
+    intermediate_size: int = 704
+    """A multiple of 32: bitsandbytes packs 4-bit weights for its CPU kernel in blocks of 32 rows."""
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2

@@ -1,0 +1,318 @@
+"""The adapter store: registry → host memory (LRU) → device slots (LRU, pinned while in use).
+
+- Registration validates the adapter completely (config, every tensor's shape against the base) in
+  the caller's thread, so a bad adapter is refused with its cause before anything is accepted, and
+  leaves the converted weights in the host tier.
+- Host-tier misses (the weights were evicted from host memory) are reloaded by one background worker
+  thread; the scheduler only runs sequences whose adapter `is_ready`, so a slow load never stalls the
+  step loop or other requests.
+- Device slots are assigned by the engine thread each step (`assign_slots`) for the adapters of the
+  running sequences; a slot used by the current step is never evicted.
+- Every accepted request holds a reference (`acquire`/`release`): unregistering an adapter refuses
+  new requests at once, while the accepted ones finish on the weights they started with.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from loraplex.server.adapter_loader import AdapterWeights, load_adapter, read_config
+from loraplex.server.config import AdapterConfig
+from loraplex.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class AdapterState(enum.Enum):
+    REGISTERED = "registered"  # on disk only
+    HOST = "host"  # converted, in host memory
+    DEVICE = "device"  # in a device slot
+
+
+@dataclass
+class AdapterInfo:
+    """What the API reports about an adapter."""
+
+    adapter_id: str
+    source: str
+    peft_type: str
+    max_rank: int
+    target_modules: list[str]
+    num_virtual_tokens: int
+    state: AdapterState
+    size_bytes: int
+    pinned: bool
+
+
+@dataclass
+class _Entry:
+    key: str  # unique per registration: "<id>#<n>"; sequences hold this, not the id
+    adapter_id: str
+    source: Path
+    peft_type: str
+    max_rank: int
+    target_modules: list[str]
+    size_bytes: int
+    pinned: bool
+    weights: AdapterWeights | None = None
+    slot: int | None = None
+    references: int = 0  # accepted requests not yet finished
+    unregistered: bool = False
+    loading: bool = False
+    error: str | None = None  # the last background load failed
+
+
+def validate_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID.fullmatch(adapter_id or ""):
+        raise InvalidArgument(
+            f"adapter id {adapter_id!r} is invalid: use 1-128 characters from letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+
+
+def resolve_source(source: str | Path, root: Path | None) -> Path:
+    """The adapter directory for `source`; inside `root` when one is configured."""
+    if not str(source):
+        raise InvalidArgument("adapter source is empty: give the adapter's directory")
+    path = Path(source)
+    if root is None:
+        return path.resolve()
+    resolved = (root / path).resolve()  # an absolute `path` replaces root here, and is checked below
+    if not resolved.is_relative_to(root):
+        raise PermissionDenied(f"adapter source {str(source)!r} resolves outside the adapter root {root}")
+    return resolved
+
+
+class AdapterStore:
+    def __init__(self, config: AdapterConfig, targets: dict[str, tuple[int, int]],
+                 load_slot: Callable[[int, AdapterWeights], None], clear_slot: Callable[[int], None],
+                 on_ready: Callable[[], None] = lambda: None):
+        self.config = config
+        self.targets = targets
+        self._load_slot = load_slot
+        self._clear_slot = clear_slot
+        self._on_ready = on_ready
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}  # key -> entry, unregistered ones still in use included
+        self._current: dict[str, str] = {}  # registered adapter id -> key
+        self._generation = 0
+        self._host_lru: OrderedDict[str, None] = OrderedDict()  # keys with host weights, oldest first
+        self._slots: list[str | None] = [None] * config.max_device_adapters
+        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_device_adapters))
+        self.loads: Counter[str] = Counter()  # tier -> loads into it
+        self.evictions: Counter[str] = Counter()  # tier -> evictions from it
+        self.load_seconds: list[float] = []  # host loads (disk -> host), newest last
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="loraplex-adapter-loader", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ registry (any thread)
+    def register(self, adapter_id: str, source: str | Path, pin: bool = False) -> AdapterInfo:
+        validate_adapter_id(adapter_id)
+        path = resolve_source(source, self.config.adapter_root)
+        self._refuse_duplicate(adapter_id)
+        started = time.perf_counter()
+        weights = self._read(path)
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._refuse_duplicate(adapter_id)
+            self._generation += 1
+            entry = _Entry(f"{adapter_id}#{self._generation}", adapter_id, path, weights.peft_type,
+                           weights.max_rank, weights.target_modules, weights.size_bytes, pin)
+            self._entries[entry.key] = entry
+            self._current[adapter_id] = entry.key
+            self._store_host(entry, weights, seconds)
+            return self._info(entry)
+
+    def unregister(self, adapter_id: str) -> None:
+        """New requests get NOT_FOUND at once; accepted ones finish, then the weights are dropped."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            entry.unregistered = True
+            del self._current[adapter_id]
+            self._drop_if_unused(entry)
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        with self._lock:
+            return self._info(self._get(adapter_id))
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(self._entries[key]) for _, key in sorted(self._current.items())]
+
+    def acquire(self, adapter_id: str) -> str:
+        """Count an accepted request and return the registration key its sequence carries.
+
+        NOT_FOUND if the adapter is not (or no longer) registered.
+        """
+        with self._lock:
+            entry = self._get(adapter_id)
+            entry.references += 1
+            if entry.weights is None and entry.slot is None:
+                self._request_load(entry)
+            return entry.key
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            entry.references -= 1
+            self._drop_if_unused(entry)
+
+    def state_counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._state(self._entries[key]).value for key in self._current.values())
+
+    # ------------------------------------------------------------------ engine thread
+    def is_ready(self, key: str | None) -> bool:
+        """Whether a sequence of this adapter can run now (weights in host memory or a slot)."""
+        if key is None:
+            return True
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.error is not None:
+                return False
+            if entry.weights is None and entry.slot is None:
+                self._request_load(entry)
+                return False
+            return True
+
+    def failure(self, key: str) -> str | None:
+        """Why the adapter's last background reload failed (its files changed on disk), if it did."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.error
+
+    def assign_slots(self, keys: set[str]) -> dict[str, int]:
+        """Device slots for this step's adapters (at most max_device_adapters of them)."""
+        if len(keys) > len(self._slots):
+            raise RuntimeError(f"{len(keys)} adapters in one step, only {len(self._slots)} device slots")
+        with self._lock:
+            result = {}
+            for key in keys:
+                entry = self._entries[key]
+                if entry.slot is None:
+                    slot = self._free_slot(keep=keys)
+                    self._load_slot(slot, entry.weights)
+                    self._slots[slot] = key
+                    entry.slot = slot
+                    self.loads["device"] += 1
+                self._slot_lru.move_to_end(entry.slot)
+                if key in self._host_lru:
+                    self._host_lru.move_to_end(key)
+                result[key] = entry.slot
+            return result
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    # ------------------------------------------------------------------ internals (lock held)
+    def _read(self, path: Path) -> AdapterWeights:
+        return load_adapter(path, self.targets, self.config.max_rank, self.config.allow_pickle)
+
+    def _refuse_duplicate(self, adapter_id: str) -> None:
+        with self._lock:
+            key = self._current.get(adapter_id)
+            if key is not None:
+                raise AlreadyExists(
+                    f"adapter {adapter_id!r} is already registered (from {self._entries[key].source}); "
+                    "unregister it first"
+                )
+
+    def _get(self, adapter_id: str) -> _Entry:
+        key = self._current.get(adapter_id)
+        if key is None:
+            raise NotFound(f"adapter {adapter_id!r} is not registered")
+        return self._entries[key]
+
+    def _state(self, entry: _Entry) -> AdapterState:
+        if entry.slot is not None:
+            return AdapterState.DEVICE
+        if entry.weights is not None:
+            return AdapterState.HOST
+        return AdapterState.REGISTERED
+
+    def _info(self, entry: _Entry) -> AdapterInfo:
+        return AdapterInfo(entry.adapter_id, str(entry.source), entry.peft_type, entry.max_rank,
+                           list(entry.target_modules), 0, self._state(entry), entry.size_bytes, entry.pinned)
+
+    def _store_host(self, entry: _Entry, weights: AdapterWeights, seconds: float) -> None:
+        entry.weights = weights
+        entry.error = None
+        self._host_lru[entry.key] = None
+        self.loads["host"] += 1
+        self.load_seconds.append(seconds)
+        self._evict_host()
+
+    def _evict_host(self) -> None:
+        """Drop host copies beyond max_host_adapters: least recently used first, pinned ones last."""
+        while len(self._host_lru) > self.config.max_host_adapters:
+            candidates = [k for k in self._host_lru if not self._entries[k].pinned] or list(self._host_lru)
+            victim = candidates[0]
+            self._host_lru.pop(victim)
+            self._entries[victim].weights = None
+            self.evictions["host"] += 1
+
+    def _free_slot(self, keep: set[str]) -> int:
+        """An empty slot, else the least recently used one whose adapter is not in this step."""
+        for slot in self._slot_lru:
+            if self._slots[slot] is None:
+                return slot
+        for slot in self._slot_lru:
+            owner = self._entries[self._slots[slot]]
+            if owner.key not in keep:
+                owner.slot = None
+                self._slots[slot] = None
+                self.evictions["device"] += 1
+                if owner.weights is None and owner.references:  # only the disk has it now
+                    self._request_load(owner)
+                return slot
+        raise RuntimeError("no device slot is free for this step")
+
+    def _drop_if_unused(self, entry: _Entry) -> None:
+        if not entry.unregistered or entry.references > 0:
+            return
+        if entry.slot is not None:
+            self._slots[entry.slot] = None
+            self._clear_slot(entry.slot)
+        self._host_lru.pop(entry.key, None)
+        del self._entries[entry.key]
+
+    def _request_load(self, entry: _Entry) -> None:
+        if not entry.loading:
+            entry.loading = True
+            self._queue.put(entry.key)
+
+    # ------------------------------------------------------------------ background loader
+    def _work(self) -> None:
+        while (key := self._queue.get()) is not None:
+            with self._lock:
+                entry = self._entries.get(key)
+            if entry is None:
+                continue
+            started = time.perf_counter()
+            try:
+                weights, error = self._read(entry.source), None
+            except Exception as exc:  # the files changed on disk since registration
+                weights, error = None, f"reloading adapter {entry.adapter_id!r} from {entry.source} failed: {exc}"
+                log.error(error)
+            with self._lock:
+                entry.loading = False
+                if self._entries.get(key) is entry:
+                    if weights is not None:
+                        self._store_host(entry, weights, time.perf_counter() - started)
+                    else:
+                        entry.error = error
+            self._on_ready()

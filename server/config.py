@@ -1,0 +1,92 @@
+"""Engine configuration: one frozen, validated dataclass per concern.
+
+The CLI (and tests) build an `EngineConfig` once and pass it down; nothing reads globals.
+`SchedulerConfig` lives in `scheduler.py` beside the code it configures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraplex.server.scheduler import SchedulerConfig
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path
+    """A local Hugging Face causal-LM directory (config.json, weights, tokenizer)."""
+    quantization: str = "none"
+    """Base weights: "nf4" (4-bit NormalFloat, double quant, as QLoRA), "int8" (LLM.int8) or "none"."""
+    dtype: str = "float32"
+    """Compute dtype of activations, LoRA weights and (unquantized) base weights."""
+    device: str = "cpu"
+    """"cpu" or "cuda[:N]"."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_tokens: int | None = None
+    """KV capacity in tokens (rounded up to whole blocks); None: derive from memory_fraction."""
+    memory_fraction: float = 0.9
+    """On CUDA without num_tokens: fraction of free device memory (after weights) given to the KV cache."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_tokens is not None and self.num_tokens < self.block_size:
+            raise ValueError(f"num_tokens must be >= block_size ({self.block_size}), got {self.num_tokens}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    max_rank: int = 64
+    """Largest LoRA rank served; bigger adapters are refused at registration."""
+    max_device_adapters: int = 8
+    """Device slots: distinct adapters that can run in one step."""
+    max_host_adapters: int = 32
+    """Adapters kept converted in host memory (LRU beyond this)."""
+    adapter_root: Path | None = None
+    """If set, adapter sources must resolve inside this directory."""
+    allow_pickle: bool = False
+    """Accept pickled adapter_model.bin files (arbitrary code on load: off by default)."""
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+        if self.max_device_adapters < 1:
+            raise ValueError(f"max_device_adapters must be >= 1, got {self.max_device_adapters}")
+        if self.max_host_adapters < self.max_device_adapters:
+            raise ValueError(
+                f"max_host_adapters ({self.max_host_adapters}) must be >= max_device_adapters "
+                f"({self.max_device_adapters}): device slots are filled from host memory"
+            )
+        if self.adapter_root is not None:
+            object.__setattr__(self, "adapter_root", Path(self.adapter_root).resolve())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    scheduler: SchedulerConfig | None = None
+    """None: derived from the model (max_model_len) and the adapter slots."""
+    seed: int = 0
+    """Seeds the generators of sampled requests that bring no seed of their own."""

@@ -1,0 +1,391 @@
+"""The engine: one step loop over the scheduler, the adapter store, the model runner and the sampler.
+
+`LLMEngine` is the synchronous core; exactly one thread calls `step`. Other threads only call
+`add_request`, `abort` and the adapter methods, which validate at once (raising an `EngineError` the
+API maps to a status code) and hand work to the step thread through an inbox. One step reads:
+
+    drain inbox → schedule → assign adapter slots → run the model → sample → detokenize/stop → emit
+
+`AsyncEngine` runs the step loop in its own thread and exposes `generate(request)` as an async
+iterator of `RequestOutput`s for asyncio code (the gRPC servicer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from loraplex.server.adapter_store import AdapterInfo, AdapterStore
+from loraplex.server.block_manager import BlockManager
+from loraplex.server.config import EngineConfig
+from loraplex.server.detokenizer import IncrementalDetokenizer, StopChecker
+from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
+from loraplex.server.model_runner import ModelRunner, StepInput
+from loraplex.server.sampling import Sampler, SamplingParams, make_generator
+from loraplex.server.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
+FINISH_CANCELLED, FINISH_ERROR = "cancelled", "error"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None
+    """Text to tokenize; or give prompt_token_ids."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    adapter_id: str | None = None
+    """None (or "") is the base model."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class RequestOutput:
+    """New output of one request since its previous RequestOutput (a delta), or its end."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    """"length", "stop", "eos", "cancelled" or "error" on the last output."""
+    error: EngineError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class StepStats:
+    num_tokens: int
+    num_sequences: int
+    num_adapters: int
+    """Distinct adapters (base model excluded) in the step."""
+    seconds: float
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    sink: Callable[[RequestOutput], None]
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    generator: torch.Generator | None
+    max_new_tokens: int
+    adapter_key: str | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = self.runner.tokenizer
+        self.eos_token_ids = self._eos_ids()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.initial_free_blocks = self.block_manager.num_free_blocks
+        self.scheduler = Scheduler(config.scheduler or self._default_scheduler_config(), self.block_manager)
+        self._wake = threading.Event()
+        self.store = AdapterStore(config.adapters, self.runner.lora_targets, self.runner.load_slot,
+                                  self.runner.clear_slot, on_ready=self._wake.set)
+        self.sampler = Sampler()
+        self._seeds = random.Random(config.seed)
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._sequences: dict[str, Sequence] = {}  # request id -> live sequence
+        self._lock = threading.Lock()  # guards _sequences membership for add/abort from other threads
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.runner.hf_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return set(ids)
+
+    def _default_scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=256,
+            max_num_batched_tokens=max(2048, self.runner.block_size),
+            max_adapters=self.config.adapters.max_device_adapters,
+            max_model_len=self.runner.max_model_len,
+        )
+
+    # ------------------------------------------------------------------ any thread
+    def add_request(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> None:
+        """Validate and queue a request; raises an EngineError (nothing queued) if it cannot run."""
+        params = request.sampling
+        if not request.request_id:
+            raise InvalidArgument("request_id is empty")
+        prompt_ids = self._prompt_ids(request)
+        max_len = self.scheduler.config.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_len} tokens, "
+                "including at least one generated token"
+            )
+        max_new_tokens = min(params.max_new_tokens, max_len - len(prompt_ids))
+        problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens)
+        if problem is not None:
+            raise problem
+        adapter_key = self.store.acquire(request.adapter_id) if request.adapter_id else None
+        try:
+            generator = None if params.greedy else make_generator(
+                params.seed if params.seed is not None else self._seeds.getrandbits(63), self.runner.device
+            )
+            state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                                  StopChecker(params.stop), generator, max_new_tokens, adapter_key)
+            seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens,
+                           adapter_id=adapter_key, extra=state)
+            with self._lock:
+                if request.request_id in self._sequences:
+                    raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
+                self._sequences[request.request_id] = seq
+        except BaseException:
+            if adapter_key is not None:
+                self.store.release(adapter_key)
+            raise
+        self._inbox.append(seq)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its blocks and adapter reference are freed by the next step."""
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            bad = [i for i in ids if not 0 <= i < self.runner.vocab_size]
+            if bad:
+                raise InvalidArgument(
+                    f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {self.runner.vocab_size})"
+                )
+        else:
+            ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
+        if not ids:
+            raise InvalidArgument("the prompt is empty")
+        return ids
+
+    # ------------------------------------------------------------------ adapters (any thread)
+    def register_adapter(self, adapter_id: str, source: str, pin: bool = False) -> AdapterInfo:
+        return self.store.register(adapter_id, source, pin=pin)
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        self.store.unregister(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.store.list()
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        return self.store.get(adapter_id)
+
+    # ------------------------------------------------------------------ the step thread
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_unfinished())
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def step(self) -> StepStats | None:
+        """Run one step; returns its stats, or None when nothing could run."""
+        started = time.perf_counter()
+        self._drain_inbox()
+        self._fail_broken_adapters()
+        out = self.scheduler.schedule(self.store.is_ready)
+        self.num_preemptions += len(out.preempted)
+        if not out.scheduled:
+            return None
+        running_keys = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
+        running_keys |= {s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}
+        slots = self.store.assign_slots(running_keys)
+        inputs = [
+            StepInput(
+                token_ids=s.seq.token_ids_at(s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens),
+                start_position=s.seq.num_computed_tokens,
+                block_table=s.seq.block_table,
+                slot=slots.get(s.seq.adapter_id, -1),
+                samples=s.samples,
+            )
+            for s in out.scheduled
+        ]
+        logits = self.runner.execute(inputs)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        sampled: dict[int, int] = {}
+        logprobs: dict[int, float] = {}
+        if sampling:
+            tokens, token_logprobs = self.sampler.sample(
+                logits,
+                [seq.extra.request.sampling for seq in sampling],
+                [seq.extra.generator for seq in sampling],
+                [seq.token_ids for seq in sampling],
+            )
+            for seq, token, logprob in zip(sampling, tokens, token_logprobs):
+                sampled[seq.seq_id] = token
+                logprobs[seq.seq_id] = logprob
+        self.scheduler.update(out, sampled)
+        for seq in sampling:
+            self._postprocess(seq, sampled[seq.seq_id], logprobs[seq.seq_id])
+        stats = StepStats(
+            num_tokens=sum(s.num_new_tokens for s in out.scheduled),
+            num_sequences=len(out.scheduled),
+            num_adapters=len({s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}),
+            seconds=time.perf_counter() - started,
+        )
+        self.num_steps += 1
+        for listener in self.step_listeners:
+            listener(stats)
+        return stats
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        while self._aborts:
+            request_id = self._aborts.popleft()
+            seq = self._sequences.get(request_id)
+            if seq is not None:
+                self.scheduler.abort(seq.seq_id)
+                self._close(seq, RequestOutput(request_id, finished=True, finish_reason=FINISH_CANCELLED))
+
+    def _fail_broken_adapters(self) -> None:
+        for seq in list(self._sequences.values()):
+            key = seq.adapter_id
+            reason = self.store.failure(key) if key is not None and not seq.is_finished else None
+            if reason:
+                self.scheduler.abort(seq.seq_id)
+                error = Unavailable(reason)
+                self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: float) -> None:
+        state: _RequestState = seq.extra
+        params = state.request.sampling
+        finish = None
+        text = ""
+        if token in self.eos_token_ids and not params.ignore_eos:
+            finish = FINISH_EOS
+        else:
+            text, stopped = state.stop_checker.feed(state.detokenizer.push(token))
+            if stopped:
+                finish = FINISH_STOP
+        if finish is None and (
+            seq.num_output_tokens >= state.max_new_tokens or seq.num_tokens >= self.scheduler.config.max_model_len
+        ):
+            finish = FINISH_LENGTH
+        if finish in (FINISH_EOS, FINISH_LENGTH):
+            text += state.stop_checker.feed(state.detokenizer.flush())[0] + state.stop_checker.flush()
+        output = RequestOutput(
+            seq.request_id,
+            text=text,
+            token_ids=[token],
+            logprobs=[logprob] if params.return_logprobs else [],
+            finished=finish is not None,
+            finish_reason=finish,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+        )
+        if finish is None:
+            state.sink(output)
+        else:
+            self.scheduler.finish(seq)
+            self._close(seq, output)
+
+    def _close(self, seq: Sequence, output: RequestOutput) -> None:
+        state: _RequestState = seq.extra
+        with self._lock:
+            if self._sequences.pop(seq.request_id, None) is None:
+                return
+        if state.adapter_key is not None:
+            self.store.release(state.adapter_key)
+        output.prompt_tokens = seq.num_prompt_tokens
+        output.completion_tokens = seq.num_output_tokens
+        state.sink(output)
+
+    def fail_all(self, error: EngineError) -> None:
+        """End every live request with `error` (the step loop hit a bug; keep serving the rest)."""
+        for seq in list(self._sequences.values()):
+            self.scheduler.abort(seq.seq_id)
+            self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
+        self._inbox.clear()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class AsyncEngine:
+    """The engine's step loop in a thread of its own, with an asyncio front."""
+
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._stop = threading.Event()
+        self._draining = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            if not engine.has_work():
+                engine.wait_for_work(timeout=0.5)
+                continue
+            try:
+                stats = engine.step()
+            except Exception as exc:
+                log.exception("engine step failed")
+                engine.fail_all(EngineError(f"internal error in the engine step: {exc!r}"))
+                continue
+            if stats is None:  # work exists but none can run yet (an adapter is loading)
+                engine.wait_for_work(timeout=0.01)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Outputs of `request` as they are produced; closing the iterator early aborts it."""
+        if self._draining:
+            raise Unavailable("the server is shutting down and accepts no new requests")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.engine.add_request(request, lambda output: loop.call_soon_threadsafe(queue.put_nowait, output))
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.engine.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def num_live_requests(self) -> int:
+        return len(self.engine._sequences)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait up to `timeout` s for the live ones; True if all finished."""
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        while self.num_live_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.num_live_requests()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.engine._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.engine.close()

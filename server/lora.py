@@ -1,0 +1,175 @@
+"""LoRA on the base model's linear projections, for a batch that mixes adapters.
+
+Every linear projection of every decoder layer is wrapped by a `LoRALinear`. Projections that read
+the same input (q/k/v; gate/up) form one `LoRAGroup` whose weights live in one stacked pool, so a
+decoder layer runs at most four shrink/expand pairs (qkv, o, gate_up, down):
+
+    pool.a      [num_slices, num_slots, max_rank, in_features]   lora_A rows, first r used
+    pool.b_t    [num_slots, max_rank, out_total]                 lora_B transposed, slices side by side
+    pool.ranks  [num_slices, num_slots] int32                    0: the adapter does not target it
+    pool.scale  [num_slices, num_slots] float32
+
+The first projection of a group called in a step computes the whole group's LoRA delta for the step
+(`[tokens, out_total]`), the others reuse it; each adds its own columns to its base output. The step's
+adapter layout (`LoRAMeta`, one slot per token) is set on the shared `LoRAStepContext` by the model
+runner before the forward pass and cleared after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loraplex.kernels.meta import LoRAMeta
+from loraplex.kernels.ops import lora_apply
+
+# Sibling projections that read the same input tensor; anything else is a group of its own.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+LINEAR_TYPES = (nn.Linear,)
+
+
+def _linear_types() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb
+
+        return LINEAR_TYPES + (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # bitsandbytes is a dependency, but keep plain serving importable without it
+        return LINEAR_TYPES
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    return module.in_features, module.out_features
+
+
+@dataclass
+class LoRAStepContext:
+    """What the LoRA layers read during one forward pass; owned by the model runner."""
+
+    meta: LoRAMeta | None = None
+    """This step's slot layout; None when no token of the step uses an adapter."""
+    cache: dict = field(default_factory=dict)
+    """Per-step group deltas: id(group) -> (input tensor, delta)."""
+
+    def begin(self, meta: LoRAMeta | None) -> None:
+        self.meta = meta
+        self.cache.clear()
+
+    def end(self) -> None:
+        self.meta = None
+        self.cache.clear()
+
+
+class LoRAPool:
+    """Stacked LoRA weights of one group of projections, one entry per device slot."""
+
+    def __init__(self, in_features: int, slice_widths: list[int], num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.in_features = in_features
+        self.slice_widths = list(slice_widths)
+        self.slice_offsets = [sum(slice_widths[:i]) for i in range(len(slice_widths))]
+        self.out_total = sum(slice_widths)
+        self.max_rank = max_rank
+        n = len(slice_widths)
+        self.a = torch.zeros(n, num_slots, max_rank, in_features, dtype=dtype, device=device)
+        self.b_t = torch.zeros(num_slots, max_rank, self.out_total, dtype=dtype, device=device)
+        self.ranks = torch.zeros(n, num_slots, dtype=torch.int32, device=device)
+        self.scale = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b_t, self.ranks, self.scale))
+
+    def load(self, slot: int, slice_index: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+        """Write one slice of one slot; `a` [r, in], `b` [out, r]; None clears it (rank 0)."""
+        offset, width = self.slice_offsets[slice_index], self.slice_widths[slice_index]
+        if a is None:
+            self.ranks[slice_index, slot] = 0
+            self.scale[slice_index, slot] = 0.0
+            return
+        rank = a.shape[0]
+        self.a[slice_index, slot, :rank].copy_(a)
+        self.b_t[slot, :rank, offset : offset + width].copy_(b.t())
+        self.ranks[slice_index, slot] = rank
+        self.scale[slice_index, slot] = scaling
+
+
+class LoRAGroup:
+    """Projections of one decoder layer that share their input, and their pool."""
+
+    def __init__(self, name: str, paths: list[str], pool: LoRAPool, context: LoRAStepContext):
+        self.name = name
+        self.paths = paths
+        self.pool = pool
+        self.context = context
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's LoRA output for this step's tokens, `[tokens, out_total]` (computed once)."""
+        cached = self.context.cache.get(id(self))
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.zeros(flat.shape[0], self.pool.out_total, dtype=flat.dtype, device=flat.device)
+        pool = self.pool
+        lora_apply(flat, out, pool.a, pool.b_t, pool.ranks, pool.scale, self.context.meta,
+                   pool.slice_offsets, pool.slice_widths)
+        self.context.cache[id(self)] = (x, out)
+        return out
+
+
+class LoRALinear(nn.Module):
+    """A base projection plus the LoRA delta of each token's adapter."""
+
+    def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int):
+        super().__init__()
+        self.base = base
+        self.group = group
+        self.slice_index = slice_index
+        self.in_features, self.out_features = linear_features(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.group.context.meta is None:
+            return y
+        pool = self.group.pool
+        offset = pool.slice_offsets[self.slice_index]
+        delta = self.group.delta(x)[:, offset : offset + self.out_features]
+        return y + delta.view(y.shape).to(y.dtype)
+
+
+def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """The servable projections of `model`, grouped by shared input: [(group name, [module paths])].
+
+    Only linear layers inside the decoder layers (`...layers.N...`) are servable; the embeddings and
+    the LM head are not.
+    """
+    linear_types = _linear_types()
+    by_parent: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, linear_types) and ".layers." in f".{path}":
+            parent, _, _ = path.rpartition(".")
+            by_parent.setdefault(parent, []).append(path)
+    groups = []
+    for parent, paths in by_parent.items():
+        leaves = {path.rpartition(".")[2]: path for path in paths}
+        for shared in SHARED_INPUT_GROUPS:
+            if all(name in leaves for name in shared):
+                groups.append((f"{parent}.{'_'.join(shared)}", [leaves.pop(name) for name in shared]))
+        groups.extend((path, [path]) for path in leaves.values())
+    return groups
+
+
+def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+               context: LoRAStepContext) -> dict[str, tuple[LoRAGroup, int]]:
+    """Replace every servable projection by a LoRALinear; returns module path -> (group, slice)."""
+    modules = dict(model.named_modules())
+    table: dict[str, tuple[LoRAGroup, int]] = {}
+    for name, paths in find_lora_targets(model):
+        features = [linear_features(modules[path]) for path in paths]
+        pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank, dtype, device)
+        group = LoRAGroup(name, paths, pool, context)
+        for index, path in enumerate(paths):
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(modules[parent_path], leaf, LoRALinear(modules[path], group, index))
+            table[path] = (group, index)
+    return table

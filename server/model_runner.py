@@ -1,0 +1,211 @@
+"""The model runner: owns the model, its LoRA pools and the KV cache, and runs one step.
+
+A step's tokens are laid out flat, `(1, num_tokens)`, sequences ordered by adapter slot so that the
+tokens of one slot are contiguous (one segment per slot, no-adapter tokens last); the runner builds
+the step's `LoRAMeta` and `AttentionMeta` once and hands them to the layers (the LoRA context and the
+`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.kernels.meta import LoRAMeta
+from loraplex.server import attention
+from loraplex.server.adapter_loader import AdapterWeights
+from loraplex.server.config import EngineConfig
+from loraplex.server.errors import UserError
+from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DEFAULT_KV_TOKENS = 32768
+
+
+@dataclass
+class StepInput:
+    """One scheduled sequence, as the runner needs it."""
+
+    token_ids: list[int]
+    """The tokens to run this step."""
+    start_position: int
+    """Position of token_ids[0] in the sequence (= tokens already in the cache)."""
+    block_table: list[int]
+    slot: int
+    """Device adapter slot, -1 for the base model."""
+    samples: bool
+    """Keep the logits of the last token (the sequence samples its next token)."""
+
+
+def load_base_model(config: EngineConfig):
+    """The base model and tokenizer from a local directory, quantized as configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    model_config = config.model
+    path = model_config.path
+    if not (path / "config.json").is_file():
+        raise UserError(f"model directory {path} has no config.json (expected a Hugging Face model directory)")
+    dtype = DTYPES[model_config.dtype]
+    kwargs: dict = {"dtype": dtype}
+    if model_config.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": model_config.device}
+    elif model_config.quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": model_config.device}
+    hf_config = AutoConfig.from_pretrained(path)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise UserError(f"{path} is an encoder-decoder model; loraplex serves decoder-only causal LMs")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model_config.quantization == "none":
+        model.to(model_config.device)
+    keep_4bit_compute_dtype(model, dtype)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def keep_4bit_compute_dtype(model, dtype: torch.dtype) -> None:
+    """Make bitsandbytes' 4-bit layers on CPU compute in `dtype`, as configured.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first inference call and then
+    multiplies in bfloat16 whatever the compute dtype; a float32 server would then round activations
+    to bfloat16 in every projection (and disagree with itself across batch layouts by bf16 ulps).
+    """
+    if dtype == torch.bfloat16:
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.model.device)
+        self.dtype = DTYPES[config.model.dtype]
+        self.model, self.tokenizer = load_base_model(config)
+        hf = self.model.config
+        self.hf_config = hf
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.max_model_len = hf.max_position_embeddings
+        self.vocab_size = hf.vocab_size
+
+        attention.register()
+        self.model.set_attn_implementation(attention.ATTENTION_NAME)
+
+        adapters = config.adapters
+        self.num_slots = adapters.max_device_adapters
+        self.lora_context = LoRAStepContext()
+        modules = dict(self.model.named_modules())
+        self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
+                                     self.lora_context)
+        self.lora_targets = {path: linear_features(modules[path]) for path in self.lora_table}
+
+        block_size = config.cache.block_size
+        self.block_size = block_size
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks, block_size, self.num_kv_heads,
+                                               self.head_dim, self.dtype, self.device)
+        self.max_step_tokens = 0
+        self.lora_meta: LoRAMeta | None = None
+
+    # ------------------------------------------------------------------ sizing
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_tokens is not None:
+            return -(-cache.num_tokens // cache.block_size)
+        per_block = attention.PagedKVCache.bytes_per_block(self.num_layers, cache.block_size, self.num_kv_heads,
+                                                           self.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * cache.memory_fraction) // per_block)
+        return -(-CPU_DEFAULT_KV_TOKENS // cache.block_size)
+
+    def lora_bytes(self) -> int:
+        groups = {id(group): group for group, _ in self.lora_table.values()}
+        return sum(group.pool.nbytes() for group in groups.values())
+
+    # ------------------------------------------------------------------ adapters
+    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy a host adapter into device slot `slot`; untargeted projections get rank 0."""
+        for path, (group, index) in self.lora_table.items():
+            weights = adapter.lora.get(path)
+            if weights is None:
+                group.pool.load(slot, index, None, None, 0.0)
+            else:
+                a = weights.a.to(self.device, self.dtype, non_blocking=True)
+                b = weights.b.to(self.device, self.dtype, non_blocking=True)
+                group.pool.load(slot, index, a, b, weights.scaling)
+
+    def clear_slot(self, slot: int) -> None:
+        for group, index in self.lora_table.values():
+            group.pool.load(slot, index, None, None, 0.0)
+
+    # ------------------------------------------------------------------ one step
+    def _lora_meta(self, token_slots: list[int]) -> LoRAMeta | None:
+        if all(slot < 0 for slot in token_slots):
+            return None
+        if self.lora_meta is None or self.lora_meta.max_tokens < len(token_slots):
+            # grows to the largest step seen; the scratch covers the widest group (q/k/v: 3 slices)
+            self.lora_meta = LoRAMeta.allocate(max(len(token_slots), 256), self.num_slots, self.device,
+                                               max_slices=3, max_rank=self.config.adapters.max_rank)
+        return self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
+
+    @torch.inference_mode()
+    def execute(self, inputs: list[StepInput]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num sampling inputs, vocab] in input order."""
+        order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
+        token_ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        slot_mapping: list[int] = []
+        spans: list[attention.SequenceSpan] = []
+        keep: dict[int, int] = {}
+        bs = self.block_size
+        for i in order:
+            item = inputs[i]
+            n = len(item.token_ids)
+            start = len(token_ids)
+            token_ids.extend(item.token_ids)
+            end_position = item.start_position + n
+            positions.extend(range(item.start_position, end_position))
+            token_slots.extend([item.slot] * n)
+            table = torch.tensor(item.block_table, dtype=torch.long)
+            context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end_position]
+            slot_mapping.extend(context_slots[item.start_position :].tolist())
+            spans.append(attention.SequenceSpan(start, n, context_slots.to(self.device)))
+            if item.samples:
+                keep[i] = start + n - 1
+
+        device = self.device
+        meta = attention.AttentionMeta(
+            cache=self.kv_cache,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            spans=spans,
+        )
+        sampling = [i for i in range(len(inputs)) if i in keep]
+        keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
+        self.lora_context.begin(self._lora_meta(token_slots))
+        try:
+            output = self.model(
+                input_ids=torch.tensor([token_ids], dtype=torch.long, device=device),
+                position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+                use_cache=False,
+                logits_to_keep=keep_index,
+                **{attention.META_KWARG: meta},
+            )
+        finally:
+            self.lora_context.end()
+        return output.logits[0].float()

@@ -1,0 +1,132 @@
+"""Shared pieces of the engine tests: peft-made adapters, the peft oracle, and a synchronous driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
+from loraplex.server.model_runner import keep_4bit_compute_dtype
+from loraplex.server.engine import GenerationRequest, LLMEngine, RequestOutput
+from loraplex.server.sampling import SamplingParams
+
+PROMPTS = [
+    "Q: Where do fish live?\nA:",
+    "The sea",
+    "Q: What color is the sky on a clear day, and why does it turn grey when it rains?\nA:",
+    "In the morning we took the train to the city. It was very hot",
+    "Q: How do you make tea?\nA:",
+]
+
+
+def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
+    """A peft LoRA adapter with non-trivial random weights (B is not zero), saved to out_dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # scale the random weights so the adapter changes the greedy tokens clearly
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_peft(base_dir: Path, adapter_dir: Path | None, quantization: str = "none"):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch.float32}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    keep_4bit_compute_dtype(model, torch.float32)  # as the server does: float32 means float32
+    return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir)
+
+
+@torch.no_grad()
+def oracle(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], list[float]]:
+    """Greedy decoding through the model's forward, recomputing the whole sequence each step (no cache):
+    the reference for every adapter type. Returns the new tokens and their logprobs."""
+    model.eval()
+    sequence, tokens, logprobs = list(prompt_ids), [], []
+    for _ in range(max_new_tokens):
+        ids = torch.tensor([sequence])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1].float()
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        sequence.append(token)
+        if token == eos:
+            break
+    return tokens, logprobs
+
+
+@dataclass
+class Collected:
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [p for o in self.outputs for p in o.logprobs]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def final(self) -> RequestOutput:
+        assert self.outputs and self.outputs[-1].finished, "request did not finish"
+        return self.outputs[-1]
+
+
+def make_engine(model_dir: Path, *, quantization: str = "none", max_device_adapters: int = 8,
+                max_host_adapters: int = 16, max_rank: int = 64, kv_tokens: int = 8192, block_size: int = 16,
+                scheduler=None, adapter_root: Path | None = None) -> LLMEngine:
+    config = EngineConfig(
+        model=ModelConfig(path=model_dir, quantization=quantization, dtype="float32", device="cpu"),
+        cache=CacheConfig(block_size=block_size, num_tokens=kv_tokens),
+        adapters=AdapterConfig(max_rank=max_rank, max_device_adapters=max_device_adapters,
+                               max_host_adapters=max_host_adapters, adapter_root=adapter_root),
+        scheduler=scheduler,
+    )
+    return LLMEngine(config)
+
+
+def submit(engine: LLMEngine, request_id: str, prompt: str | list[int], adapter: str | None = None,
+           max_new_tokens: int = 12, **sampling) -> Collected:
+    collected = Collected()
+    ids = prompt if isinstance(prompt, list) else None
+    request = GenerationRequest(
+        request_id=request_id,
+        prompt=None if ids is not None else prompt,
+        prompt_token_ids=tuple(ids) if ids is not None else None,
+        adapter_id=adapter,
+        sampling=SamplingParams(max_new_tokens=max_new_tokens, return_logprobs=True, **sampling),
+    )
+    engine.add_request(request, collected.outputs.append)
+    return collected
+
+
+def run_until_done(engine: LLMEngine, max_steps: int = 10_000) -> int:
+    steps = 0
+    while engine.has_work():
+        if engine.step() is None:
+            engine.wait_for_work(0.01)
+        steps += 1
+        assert steps < max_steps, "engine did not finish"
+    return steps

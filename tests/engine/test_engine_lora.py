@@ -1,0 +1,77 @@
+"""peft is the oracle: a mixed batch of the base model and LoRA adapters gives each request exactly the
+greedy tokens of peft's PeftModel for that adapter alone (float32), with logprobs within 1e-4."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.helpers import PROMPTS, load_peft, make_engine, make_lora_adapter, oracle, run_until_done, submit
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    # name: LoraConfig kwargs — different ranks, alphas, rsLoRA, patterns and target sets
+    "r8-all": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR),
+    "r4-attn": dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+    "r16-rslora-mlp": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "r2-patterns": dict(
+        r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.o_proj": 6}, alpha_pattern={"down_proj": 3},
+    ),
+}
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-adapters")
+    return {name: make_lora_adapter(demo_model_dir, root / name, seed=i, **kw)
+            for i, (name, kw) in enumerate(ADAPTERS.items())}
+
+
+def _expected(base_dir, adapters, tokenizer, quantization="none"):
+    """peft's greedy tokens/logprobs for every (adapter, prompt) of the mixed batch, each alone."""
+    expected = {}
+    for name in [None, *adapters]:
+        model = load_peft(base_dir, adapters[name] if name else None, quantization)
+        for p, prompt in enumerate(PROMPTS):
+            ids = tokenizer.encode(prompt)
+            expected[(name, p)] = oracle(model, ids, MAX_NEW, eos=None)
+    return expected
+
+
+def _run_mixed(engine, adapters):
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    results = {}
+    for name in [None, *adapters]:
+        for p, prompt in enumerate(PROMPTS):
+            results[(name, p)] = submit(engine, f"{name}-{p}", prompt, adapter=name, max_new_tokens=MAX_NEW,
+                                        ignore_eos=True)
+    run_until_done(engine)
+    return results
+
+
+def _assert_match(results, expected):
+    for key, collected in results.items():
+        tokens, logprobs = expected[key]
+        assert collected.final.finish_reason == "length"
+        assert collected.token_ids == tokens, f"tokens differ for {key}"
+        assert max(abs(a - b) for a, b in zip(collected.logprobs, logprobs)) < 1e-4, f"logprobs differ for {key}"
+
+
+def test_mixed_batch_matches_peft_per_adapter(demo_model_dir, adapters):
+    engine = make_engine(demo_model_dir)
+    expected = _expected(demo_model_dir, adapters, engine.tokenizer)
+    # the adapters really change the output, so matching is not trivial
+    for name in adapters:
+        assert any(expected[(name, p)][0] != expected[(None, p)][0] for p in range(len(PROMPTS))), name
+    results = _run_mixed(engine, adapters)
+    _assert_match(results, expected)
+    assert engine.block_manager.num_free_blocks == engine.initial_free_blocks
+
+
+def test_mixed_batch_on_nf4_base_matches_peft_on_the_same_4bit_base(demo_model_dir, adapters):
+    engine = make_engine(demo_model_dir, quantization="nf4")
+    expected = _expected(demo_model_dir, adapters, engine.tokenizer, quantization="nf4")
+    results = _run_mixed(engine, adapters)
+    _assert_match(results, expected)
