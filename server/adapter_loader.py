@@ -149,14 +149,13 @@ def load_lora(
     """Build the per-module LoRA weights; `targets` maps each servable module path to (in, out)."""
     _check_lora_options(config, source)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    others = []
     for key, tensor in tensors.items():
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key.removeprefix(KEY_PREFIX))
         if match is None:
-            raise FailedPrecondition(
-                f"adapter {source} holds tensor {key!r}, which is not a lora_A/lora_B weight "
-                "(embedding LoRA, saved modules and biases are not served)"
-            )
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+            others.append(key)
+        else:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
     if not pairs:
         raise FailedPrecondition(f"adapter {source} holds no LoRA weights")
 
@@ -186,6 +185,11 @@ def load_lora(
         alpha = pattern_value(config.get("alpha_pattern"), path, alpha_default)
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         adapter.lora[path] = LoRAModuleWeights(a=a.float().contiguous(), b=b.float().contiguous(), scaling=scaling)
+    if others:
+        raise FailedPrecondition(
+            f"adapter {source} holds tensor {others[0]!r}, which is not a lora_A/lora_B weight "
+            "(embedding LoRA, saved modules and biases are not served)"
+        )
     return adapter
 
 

@@ -136,6 +136,7 @@ def test_stop_strings_and_eos(demo_model_dir):
     probe = submit(engine, "probe", PROMPTS[3], max_new_tokens=12, ignore_eos=True)
     run_until_done(engine)
     text = probe.text
+    assert text == engine.tokenizer.decode(probe.token_ids, skip_special_tokens=True)  # deltas add up
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), f"generated text too short to pick a stop string: {text!r}"
     stopped = submit(engine, "stopped", PROMPTS[3], max_new_tokens=12, stop=(stop,), ignore_eos=True)

@@ -75,3 +75,22 @@ def test_mixed_batch_on_nf4_base_matches_peft_on_the_same_4bit_base(demo_model_d
     expected = _expected(demo_model_dir, adapters, engine.tokenizer, quantization="nf4")
     results = _run_mixed(engine, adapters)
     _assert_match(results, expected)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_match_peft(demo_model_factory, tmp_path, arch):
+    base_dir = demo_model_factory(arch)
+    chosen = {name: ADAPTERS[name] for name in ("r8-all", "r4-attn")}
+    adapters = {name: make_lora_adapter(base_dir, tmp_path / name, seed=7, **kw) for name, kw in chosen.items()}
+    engine = make_engine(base_dir)
+    expected = {}
+    for name in [None, *adapters]:
+        model = load_peft(base_dir, adapters[name] if name else None)
+        for p in (0, 2):
+            expected[(name, p)] = oracle(model, engine.tokenizer.encode(PROMPTS[p]), MAX_NEW, eos=None)
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    results = {key: submit(engine, f"{key[0]}-{key[1]}", PROMPTS[key[1]], adapter=key[0], max_new_tokens=MAX_NEW,
+                           ignore_eos=True) for key in expected}
+    run_until_done(engine)
+    _assert_match(results, expected)
