@@ -112,7 +112,7 @@ class AdapterStore:
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_device_adapters))
         self.loads: Counter[str] = Counter()  # tier -> loads into it
         self.evictions: Counter[str] = Counter()  # tier -> evictions from it
-        self.load_seconds: list[float] = []  # host loads (disk -> host), newest last
+        self.load_listeners: list[Callable[[str, float], None]] = []  # (tier, seconds) after each load
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="loraplex-adapter-loader", daemon=True)
         self._worker.start()
@@ -204,11 +204,14 @@ class AdapterStore:
             for key in keys:
                 entry = self._entries[key]
                 if entry.slot is None:
+                    started = time.perf_counter()
                     slot = self._free_slot(keep=keys)
                     self._load_slot(slot, entry.weights)
                     self._slots[slot] = key
                     entry.slot = slot
                     self.loads["device"] += 1
+                    for listener in self.load_listeners:
+                        listener("device", time.perf_counter() - started)
                 self._slot_lru.move_to_end(entry.slot)
                 if key in self._host_lru:
                     self._host_lru.move_to_end(key)
@@ -253,8 +256,9 @@ class AdapterStore:
         entry.error = None
         self._host_lru[entry.key] = None
         self.loads["host"] += 1
-        self.load_seconds.append(seconds)
         self._evict_host()
+        for listener in self.load_listeners:
+            listener("host", seconds)
 
     def _evict_host(self) -> None:
         """Drop host copies beyond max_host_adapters: least recently used first, pinned ones last."""

@@ -76,6 +76,20 @@ class StepStats:
 
 
 @dataclass
+class EngineSnapshot:
+    """Gauges and counters for the metrics layer, read at scrape time from any thread."""
+
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float
+    adapters_by_state: dict[str, int]
+    adapter_loads: dict[str, int]
+    adapter_evictions: dict[str, int]
+    num_steps: int
+    num_preemptions: int
+
+
+@dataclass
 class _RequestState:
     request: GenerationRequest
     sink: Callable[[RequestOutput], None]
@@ -191,6 +205,22 @@ class LLMEngine:
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         return self.store.get(adapter_id)
+
+    def num_live_requests(self) -> int:
+        return len(self._sequences)
+
+    def snapshot(self) -> EngineSnapshot:
+        scheduler = self.scheduler
+        return EngineSnapshot(
+            num_waiting=scheduler.num_waiting + len(self._inbox),
+            num_running=scheduler.num_running,
+            kv_cache_usage=self.block_manager.usage(),
+            adapters_by_state=dict(self.store.state_counts()),
+            adapter_loads=dict(self.store.loads),
+            adapter_evictions=dict(self.store.evictions),
+            num_steps=self.num_steps,
+            num_preemptions=self.num_preemptions,
+        )
 
     # ------------------------------------------------------------------ the step thread
     def has_work(self) -> bool:
@@ -372,8 +402,24 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
+    # Adapter calls read files (registration validates every tensor): run them off the event loop.
+    async def register_adapter(self, adapter_id: str, source: str, pin: bool = False) -> AdapterInfo:
+        return await asyncio.to_thread(self.engine.register_adapter, adapter_id, source, pin)
+
+    async def unregister_adapter(self, adapter_id: str) -> None:
+        await asyncio.to_thread(self.engine.unregister_adapter, adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.engine.list_adapters()
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        return self.engine.get_adapter(adapter_id)
+
+    def snapshot(self) -> EngineSnapshot:
+        return self.engine.snapshot()
+
     def num_live_requests(self) -> int:
-        return len(self.engine._sequences)
+        return self.engine.num_live_requests()
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests and wait up to `timeout` s for the live ones; True if all finished."""
