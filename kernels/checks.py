@@ -33,12 +33,6 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
                          f"({name} shape {tuple(t.shape)})")
 
 
-def check_same_device(meta_device: torch.device, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t.device != meta_device:
-            raise ValueError(f"{name} is on {t.device} but meta buffers are on {meta_device}")
-
-
 def resolve_slices(num_slices: int, out_total: int, slice_offsets: Sequence[int] | None,
                    slice_widths: Sequence[int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Slice column ranges in y; None means equal widths, side by side."""
@@ -62,8 +56,8 @@ def resolve_slices(num_slices: int, out_total: int, slice_offsets: Sequence[int]
     return offsets, widths
 
 
-def check_pools(A: torch.Tensor | None, B_t: torch.Tensor | None, ranks: torch.Tensor,
-                scalings: torch.Tensor | None, num_slices: int, num_slots: int) -> None:
+def check_pools(ranks: torch.Tensor, scalings: torch.Tensor | None, num_slices: int, num_slots: int) -> None:
+    """ranks (int32) and scalings (fp32), both [num_slices, S] and contiguous; scalings may be None."""
     check_tensor("ranks", ranks, 2, (torch.int32,), contiguous=True)
     if tuple(ranks.shape) != (num_slices, num_slots):
         raise ValueError(f"ranks has shape {tuple(ranks.shape)}, expected (num_slices, S) = "

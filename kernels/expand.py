@@ -131,7 +131,7 @@ def triton_expand(
         raise ValueError(f"B_t has {S} slots but meta addresses up to max_slots={meta.max_slots}")
     if num_slices > MAX_SLICES:
         raise ValueError(f"v has {num_slices} slices; the expand kernel takes at most {MAX_SLICES}")
-    check_pools(None, B_t, ranks, scalings, num_slices, S)
+    check_pools(ranks, scalings, num_slices, S)
     for name, t in (("v", v), ("B_t", B_t), ("ranks", ranks), ("scalings", scalings)):
         if t.device != y.device:
             raise ValueError(f"{name} is on {t.device}, expected {y.device} (y's device)")

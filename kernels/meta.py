@@ -120,8 +120,9 @@ class LoRAMeta:
             step out that way); token_order is then the identity and the kernels read rows in place.
             Otherwise tokens are grouped with a stable sort (any order is accepted).
         block_m:    tile height; default from the shape-class table (``configs``).
-        check:      validate slot range (−1 <= slot < max_slots) and the contiguity claim; needs the
-            values on the host, so the default is True on CPU and False elsewhere (no device sync).
+        check:      validate slot range (−1 <= slot < max_slots) and the contiguity claim (a few
+            vectorized ops). Default: when token_slots is on the host (free: no device sync);
+            slots already on a GPU are trusted.
         """
         slots_in = torch.as_tensor(token_slots)
         if slots_in.dim() != 1:
@@ -133,12 +134,14 @@ class LoRAMeta:
             raise ValueError(f"token_slots has {T} tokens, more than max_tokens={self.max_tokens}")
         S = self.max_slots
         bm = configs.block_m_for(T) if block_m is None else block_m
+        if bm < 1:
+            raise ValueError(f"block_m must be >= 1, got {bm}")
         num_tiles = _cdiv(T, bm) + min(T, S)
-        if bm < 1 or num_tiles > self.max_tiles:
+        if num_tiles > self.max_tiles:
             raise ValueError(f"block_m={bm} needs {num_tiles} tiles for {T} tokens, "
                              f"buffers hold {self.max_tiles} (allocated for block_m >= {self.min_block_m})")
         if check is None:
-            check = self.device.type == "cpu" and slots_in.device.type == "cpu"
+            check = slots_in.device.type == "cpu"
         if check:
             self._check(slots_in, contiguous)
 
@@ -196,18 +199,22 @@ class LoRAMeta:
         return self
 
     def _check(self, slots: torch.Tensor, contiguous: bool) -> None:
-        values = slots.tolist()
-        bad = [s for s in values if s < -1 or s >= self.max_slots]
-        if bad:
-            raise ValueError(f"token_slots values must be -1 or in [0, {self.max_slots}), got {bad[:5]}")
-        if contiguous:
-            seen, prev = set(), None
-            for s in values:
-                if s != prev and s >= 0:
-                    if s in seen:
-                        raise ValueError(f"contiguous=True but slot {s} appears in more than one run")
-                    seen.add(s)
-                prev = s
+        slots = slots.long()
+        bad = slots[(slots < -1) | (slots >= self.max_slots)]
+        if bad.numel():
+            raise ValueError(f"token_slots values must be -1 or in [0, {self.max_slots}), "
+                             f"got {bad[:5].tolist()}")
+        if contiguous and slots.numel():
+            # A run starts wherever the slot changes (a −1 token ends a run too); used slots must
+            # start exactly one run each.
+            starts = torch.ones_like(slots, dtype=torch.bool)
+            starts[1:] = slots[1:] != slots[:-1]
+            runs = slots[starts]
+            runs = runs[runs >= 0]
+            values, counts = torch.unique(runs, return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(f"contiguous=True but slot {int(values[counts > 1][0])} appears in "
+                                 f"more than one run")
 
     def __repr__(self) -> str:
         return (f"LoRAMeta(num_tokens={self.num_tokens}, shape_class={self.shape_class!r}, "

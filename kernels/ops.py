@@ -9,9 +9,11 @@ Semantics (all backends; r = ranks[i, a], a = slot of token t, −1 = no adapter
 
 Layouts: A [num_slices, S, max_rank, in] and B_t [S, max_rank, out_total] (lora_B transposed,
 slices side by side in columns) are stacked weight pools indexed by device slot; only the first r
-rank rows of a slot are ever read. ranks [num_slices, S] int32 (0: the adapter does not target the
-slice, no work), scalings [num_slices, S] fp32. Tokens with slot −1 and rank-0 slices leave y
-bit-for-bit untouched. v entries outside ``[:r]`` of tokens with an adapter are unspecified.
+rank rows of a slot are ever read, so what the padding holds never matters. ranks [num_slices, S]
+int32, 0 <= r <= max_rank (0: the adapter does not target the slice, no work; scalings there are
+never read), scalings [num_slices, S] fp32. Tokens with slot −1 and rank-0 slices leave y
+bit-for-bit untouched. Shrink writes only ``v[i, t, :r]`` of tokens with an adapter; the rest of v
+is left as it was or zeroed (Triton with split_k > 1 clears v first).
 
 The Triton backend never syncs with the host and allocates nothing that depends on the data
 (``lora_apply`` with ``LoRAMeta.allocate(..., max_rank=...)`` allocates nothing at all), so a step

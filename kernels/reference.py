@@ -7,7 +7,7 @@ the metadata. Shapes and semantics are those of ``ops.lora_shrink`` / ``ops.lora
     expand:  y[t, off_i : off_i + w_i] += s[i, slot_t] · v[i, t, :r] @ B_t[slot_t, :r, off_i : off_i + w_i]
 
 Tokens with slot −1 and (slice, slot) pairs with rank 0 are skipped. ``shrink_reference`` zeroes the
-rest of v; the fast paths leave it unspecified.
+rest of v (the fast paths leave it as it was, or zero it).
 """
 
 from __future__ import annotations

@@ -77,21 +77,20 @@ def _shrink_kernel(
     a_ptrs = (a_ptr + slice_id.to(tl.int64) * stride_a_i + slot.to(tl.int64) * stride_a_s
               + offs_n[None, :] * stride_a_r + offs_k[:, None])  # [BLOCK_K, BLOCK_N] tile of Aᵀ
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    STEP: tl.constexpr = BLOCK_K * SPLIT_K
-    for k in range(0, (K + STEP - 1) // STEP):
+    for k in range(0, (K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K)):
         if EVEN_K:
             xk = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
             ak = tl.load(a_ptrs, mask=n_mask[None, :], other=0.0)
         else:
-            k_ok = offs_k < K - k * STEP
+            k_ok = offs_k < K - k * (BLOCK_K * SPLIT_K)
             xk = tl.load(x_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
             ak = tl.load(a_ptrs, mask=n_mask[None, :] & k_ok[:, None], other=0.0)
         if FP32_DOT:
             acc += tl.dot(xk, ak, input_precision="ieee")
         else:
             acc += tl.dot(xk, ak)
-        x_ptrs += STEP
-        a_ptrs += STEP
+        x_ptrs += BLOCK_K * SPLIT_K
+        a_ptrs += BLOCK_K * SPLIT_K
 
     v_ptrs = v_ptr + slice_id.to(tl.int64) * stride_v_i + rows[:, None] * stride_v_t + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -126,7 +125,7 @@ def triton_shrink(
         raise ValueError(f"x has {T} tokens but meta was built for {meta.num_tokens}")
     if S < meta.max_slots:
         raise ValueError(f"A has {S} slots but meta addresses up to max_slots={meta.max_slots}")
-    check_pools(A, None, ranks, None, num_slices, S)
+    check_pools(ranks, None, num_slices, S)
     for name, t in (("A", A), ("ranks", ranks)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, expected {x.device} (x's device)")

@@ -8,8 +8,10 @@ Same semantics and argument checks as the Triton launchers (see ``ops``). Two st
 - ``gather``: gathers every token's weights (``A[:, slot_t]``, ``B_t[slot_t]``), zeroes the gathered
   rank padding and runs one batched matmul per slice.
 
-``STRATEGY`` picks one; measured on the 2-core dev CPU with benchmarks/lora_torch_cpu.py (numbers in
-docs/benchmarks.md): the segment loop wins at every decode and prefill size we tried.
+``STRATEGY`` picks one. Measured with benchmarks/lora_torch_cpu.py on the 2-core dev VM (table in
+docs/benchmarks.md): the segment loop wins at every size tried, from 1.25x at 16 tokens over 16
+adapters (1-token segments, its weak spot: ~20 µs per segment and slice) to ~200x at 2048-token
+prefill, where gather copies every token's weights.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _check_shrink(x, A, ranks, meta, out):
         raise ValueError(f"x has {x.shape[0]} tokens but meta was built for {meta.num_tokens}")
     if S < meta.max_slots:
         raise ValueError(f"A has {S} slots but meta addresses up to max_slots={meta.max_slots}")
-    check_pools(A, None, ranks, None, num_slices, S)
+    check_pools(ranks, None, num_slices, S)
     if out is not None:
         check_tensor("out", out, 3, (torch.float32,))
         if tuple(out.shape) != (num_slices, x.shape[0], R):
@@ -64,7 +66,7 @@ def _check_expand(v, B_t, ranks, scalings, meta, y):
         raise ValueError(f"y has {T} tokens but meta was built for {meta.num_tokens}")
     if B_t.shape[0] < meta.max_slots:
         raise ValueError(f"B_t has {B_t.shape[0]} slots but meta addresses up to max_slots={meta.max_slots}")
-    check_pools(None, B_t, ranks, scalings, num_slices, B_t.shape[0])
+    check_pools(ranks, scalings, num_slices, B_t.shape[0])
 
 
 def torch_shrink(

@@ -100,6 +100,8 @@ def test_too_many_tokens_and_bad_input():
         meta.update(torch.zeros(3))
     with pytest.raises(ValueError, match="block_m=1 needs"):
         meta.update([0, 1, 1], block_m=1)
+    with pytest.raises(ValueError, match="block_m must be >= 1, got 0"):
+        meta.update([0, 1, 1], block_m=0)
 
 
 def test_buffers_are_reused_and_rewritten():

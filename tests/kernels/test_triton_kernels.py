@@ -93,7 +93,8 @@ def test_triton_matches_reference(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [
-    (T, h, ns, mix, dtype, contiguous, config)
+    # small blocks at h=3424 loop 107 times per program: up to 20 s each interpreted, so not there
+    (T, h, ns, mix, dtype, contiguous, "table" if h == 3424 and config == "small" else config)
     for T, h, ns, mix, dtype in itertools.product(TOKENS, HIDDEN + (3424,), (1, 2, 3), MIXES, DTYPES)
     for contiguous, config in [(False, "table"), (True, "small"), (False, "split2")]
 ], ids=case_id)
