@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loraplex.clients import cli as client_cli
 from loraplex.server import __version__
 from loraplex.server import demo_model
+from loraplex.server.api import cli as serve_cli
+from loraplex.server.api import demo
 from loraplex.server.errors import UserError
 from loraplex.server.train import cli as train_cli
 
@@ -23,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_parser(subparsers)
+    serve_cli.add_parser(subparsers)
+    client_cli.add_generate_parser(subparsers)
+    client_cli.add_adapters_parser(subparsers)
     demo_model.add_parser(subparsers)
     train_cli.add_parser(subparsers)
     return parser

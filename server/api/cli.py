@@ -1,0 +1,129 @@
+"""`loraplex serve`: flags -> ServerConfig (with its EngineConfig) -> server.run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from loraplex.server.errors import UserError
+
+EPILOG = """\
+adapters: --adapter ID=PATH registers an adapter before the server reports SERVING (repeatable).
+RegisterAdapter over the API reads only directories inside --adapter-root (anything resolving
+outside it, through '..', symlinks or absolute paths, gets PERMISSION_DENIED); without
+--adapter-root it is refused unless --allow-any-adapter-path is given, since a remote caller should
+not make the server read arbitrary paths. With --adapter-root, --adapter paths must lie inside it too.
+
+signals: SIGTERM or SIGINT turns health to NOT_SERVING, refuses new requests (UNAVAILABLE) and lets
+running ones finish for up to --drain-grace seconds; a second signal stops at once. Exit status 0.
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a base model and its PEFT adapters over gRPC",
+        description="Serve one base model and many PEFT adapters over gRPC, batching requests for "
+        "different adapters (and the base model) together. Prometheus metrics on a separate port.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="Hugging Face model directory")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port, 0 for any free port (default 50051)")
+    net.add_argument("--metrics-port", type=int, default=9400,
+                     help="Prometheus /metrics port, 0 for any free port (default 9400)")
+    net.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key (with --tls-cert)")
+    net.add_argument("--admin-token", metavar="TOKEN", default=os.environ.get("LORAPLEX_ADMIN_TOKEN"),
+                     help="require 'authorization: Bearer TOKEN' on the Adapters service "
+                     "(default $LORAPLEX_ADMIN_TOKEN, which keeps it out of the process list)")
+    net.add_argument("--max-queued-requests", type=int, default=1024, metavar="N",
+                     help="requests in flight (queued or running) beyond which new ones get "
+                     "RESOURCE_EXHAUSTED (default 1024)")
+    net.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
+                     help="seconds running requests get to finish after SIGTERM (default 30)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--quantization", choices=("nf4", "int8", "none"),
+                       help="base weights (default nf4 on CUDA, none on CPU)")
+    model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                       help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
+    model.add_argument("--device", help="cpu or cuda[:N] (default cuda when available)")
+    model.add_argument("--kv-cache-tokens", type=int, metavar="N",
+                       help="KV cache capacity in tokens (default: 90%% of free GPU memory; 32768 on CPU)")
+    adapters = parser.add_argument_group("adapters")
+    adapters.add_argument("--adapter", action="append", default=[], metavar="ID=PATH",
+                          help="register an adapter at start (repeatable)")
+    adapters.add_argument("--adapter-root", type=Path, metavar="DIR",
+                          help="adapter sources must resolve inside DIR (relative ones are taken from it)")
+    adapters.add_argument("--allow-any-adapter-path", action="store_true",
+                          help="without --adapter-root, let RegisterAdapter read any path (trusted callers only)")
+    adapters.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank served (default 64)")
+    adapters.add_argument("--max-device-adapters", type=int, default=8, metavar="N",
+                          help="device slots: distinct adapters in one step (default 8)")
+    adapters.add_argument("--max-host-adapters", type=int, default=32, metavar="N",
+                          help="adapters kept converted in host memory (default 32)")
+    parser.set_defaults(func=run)
+
+
+def parse_adapter(text: str) -> tuple[str, str]:
+    adapter_id, sep, path = text.partition("=")
+    if not sep or not adapter_id or not path:
+        raise UserError(f"--adapter {text!r}: expected ID=PATH, e.g. --adapter pirate=adapters/pirate")
+    return adapter_id, path
+
+
+def config_from_args(args: argparse.Namespace):
+    import torch
+
+    from loraplex.server.api.config import ServerConfig
+    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {device}, but no CUDA device is available")
+    dtype = args.dtype or ("bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else
+                           "float16" if on_cuda else "float32")
+    if not args.model.is_dir():
+        raise UserError(f"--model {args.model} is not a directory")
+    if args.adapter_root is not None and not args.adapter_root.is_dir():
+        raise UserError(f"--adapter-root {args.adapter_root} is not a directory")
+    try:
+        engine = EngineConfig(
+            model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
+                              dtype=dtype, device=device),
+            cache=CacheConfig(num_tokens=args.kv_cache_tokens),
+            adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
+                                   max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root),
+        )
+    except ValueError as error:  # the config dataclasses name the field and the allowed values
+        raise UserError(str(error)) from None
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        adapters=tuple(parse_adapter(a) for a in args.adapter),
+        allow_any_adapter_path=args.allow_any_adapter_path,
+        admin_token=args.admin_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        drain_grace=args.drain_grace,
+        max_queued_requests=args.max_queued_requests,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from loraplex.server.api import server
+
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # a server's log is no terminal
+    return asyncio.run(server.run(config_from_args(args)))

@@ -1,0 +1,169 @@
+"""The servicer and server in process (a real engine on the random-weight demo model): lifecycle,
+the status codes that need a server of their own configuration, preload and pin, TLS, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex import clients
+from loraplex.clients import Client
+from loraplex.server.api.config import ServerConfig
+from loraplex.server.cli import main
+from tests.api.helpers import ServerThread, engine_config, fetch
+from tests.engine.helpers import make_lora_adapter
+
+PROMPT = "Q: Where do fish live?\nA:"
+
+
+@pytest.fixture(scope="module")
+def adapter_root(demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api-adapters")
+    make_lora_adapter(demo_model_dir, root / "small", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_lora_adapter(demo_model_dir, root / "wide", seed=2, r=32, lora_alpha=8, target_modules=["q_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir, adapter_root):
+    """Adapter root, max rank 16 (so 'wide' does not fit), KV for 1024 tokens, 2 requests in flight."""
+    config = ServerConfig(engine=engine_config(demo_model_dir, adapter_root=adapter_root), port=0, metrics_port=0,
+                          max_queued_requests=2)
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+def test_health_and_generation_wait_for_the_model(demo_model_dir):
+    thread = ServerThread(ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0)).start(load=False)
+    try:
+        with Client(thread.address) as client:
+            assert not client.is_serving()
+            with pytest.raises(clients.Unavailable, match="warming up"):
+                client.generate("hi")
+            with grpc.insecure_channel(thread.address) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="loraplex.v1.Generator"))
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            thread.call(thread.server.load())
+            assert client.is_serving()
+            assert client.generate("hi", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+    finally:
+        thread.stop()
+
+
+def test_statuses_of_registration(server, adapter_root, tmp_path):
+    with Client(server.address) as client:
+        small = client.register_adapter("small", "small", pin=True, preload=True)
+        assert (small.peft_type, small.max_rank, small.pinned, small.state) == ("LORA", 4, True, "device")
+        assert small.source == str(adapter_root / "small")
+        with pytest.raises(clients.AlreadyExists, match="already registered"):
+            client.register_adapter("small", "small")
+        with pytest.raises(clients.FailedPrecondition, match="rank"):
+            client.register_adapter("wide", "wide")
+        with pytest.raises(clients.InvalidArgument, match="adapter id"):
+            client.register_adapter("../evil", "small")
+        outside = tmp_path / "outside"
+        shutil.copytree(adapter_root / "small", outside)
+        (adapter_root / "link").symlink_to(outside)
+        for source in ("../outside", str(outside), "link"):
+            with pytest.raises(clients.PermissionDenied, match="outside the adapter root"):
+                client.register_adapter("escape", source)
+        assert [a.adapter_id for a in client.list_adapters()] == ["small"]
+        client.unregister_adapter("small")
+        with pytest.raises(clients.NotFound):
+            client.get_adapter("small")
+
+
+def test_resource_exhausted_for_kv_and_for_the_queue(server):
+    with Client(server.address) as client:
+        with pytest.raises(clients.ResourceExhausted, match="KV"):
+            client.generate("hi", max_new_tokens=1500)  # fits the context (2048), not the 1024-token cache
+        first = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)
+        second = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)
+        next(first), next(second)  # both accepted and running
+        with pytest.raises(clients.ResourceExhausted, match="--max-queued-requests 2"):
+            client.generate(PROMPT, max_new_tokens=2)
+        first.close(), second.close()  # cancels both
+        info = client.server_info()
+        for _ in range(100):
+            if info.running_requests == 0 and info.kv_cache_usage == 0:
+                break
+            info = client.server_info()
+        assert (info.running_requests, info.kv_cache_usage, info.max_queued_requests) == (0, 0.0, 2)
+        assert client.generate(PROMPT, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+
+
+def test_server_info_describes_the_model(server, demo_model_dir):
+    with Client(server.address) as client:
+        info = client.server_info()
+    assert (info.model, info.architecture, info.quantization, info.dtype, info.device) == (
+        str(demo_model_dir), "LlamaForCausalLM", "none", "float32", "cpu")
+    assert (info.max_context_tokens, info.max_rank, info.max_device_adapters, info.kv_cache_tokens) == (2048, 16, 4, 1024)
+    assert info.version
+
+
+def test_without_adapter_root_the_api_reads_no_paths(demo_model_dir, adapter_root):
+    thread = ServerThread(ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0,
+                                       warmup=False)).start()
+    try:
+        with Client(thread.address) as client:
+            with pytest.raises(clients.PermissionDenied, match="--adapter-root"):
+                client.register_adapter("small", str(adapter_root / "small"))
+    finally:
+        thread.stop()
+    permissive = ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0, warmup=False,
+                              allow_any_adapter_path=True, adapters=(("boot", str(adapter_root / "small")),))
+    thread = ServerThread(permissive).start()
+    try:
+        with Client(thread.address) as client:
+            assert client.register_adapter("small", str(adapter_root / "small")).adapter_id == "small"
+            assert [a.adapter_id for a in client.list_adapters()] == ["boot", "small"]
+    finally:
+        thread.stop()
+
+
+def test_cli_generate_and_adapters(server, capsys):
+    address = server.address
+    assert main(["adapters", "register", "small2", "small", "--server", address]) == 0
+    assert main(["adapters", "list", "--server", address]) == 0
+    listing = capsys.readouterr().out
+    assert "small2" in listing and "LORA" in listing and "host" in listing
+    assert main(["generate", "--server", address, "--adapter", "small2", "--max-new-tokens", "5", "--ignore-eos",
+                 PROMPT]) == 0
+    captured = capsys.readouterr()
+    with Client(address) as client:
+        expected = client.generate(PROMPT, adapter="small2", max_new_tokens=5, ignore_eos=True).text
+    assert captured.out == expected + "\n" and "[length: " in captured.err
+    assert main(["generate", "--server", address, "--adapter", "nope", "hi"]) == 2
+    assert "error: NOT_FOUND: adapter 'nope' is not registered" in capsys.readouterr().err
+    assert main(["adapters", "unregister", "small2", "--server", address]) == 0
+
+
+def test_metrics_endpoint_is_prometheus_text(server):
+    text = fetch(server.server.metrics_url)
+    for name in ("loraplex_requests_total", "loraplex_queue_depth", "loraplex_kv_cache_usage_ratio",
+                 "loraplex_adapters", "loraplex_adapter_loads_total", "loraplex_batch_size_tokens_bucket"):
+        assert f"\n{name}" in text, name
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(demo_model_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, env={**os.environ, "OPENSSL_CONF": "/dev/null"})
+    thread = ServerThread(ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0, warmup=False,
+                                       tls_cert=cert, tls_key=key)).start()
+    try:
+        with Client(thread.address, root_certificates=cert.read_bytes()) as client:
+            assert client.generate("hi", max_new_tokens=1, ignore_eos=True).completion_tokens == 1
+        with Client(thread.address, timeout=5) as plaintext:
+            with pytest.raises(clients.Unavailable):
+                plaintext.generate("hi")
+    finally:
+        thread.stop()
