@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loraplex.server.adapter_loader import AdapterWeights, load_adapter, read_config
+from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
 from loraplex.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
@@ -61,6 +61,8 @@ class _Entry:
     adapter_id: str
     source: Path
     peft_type: str
+    kind: str  # AdapterWeights.kind: how the server applies it
+    num_virtual_tokens: int
     max_rank: int
     target_modules: list[str]
     size_bytes: int
@@ -95,11 +97,11 @@ def resolve_source(source: str | Path, root: Path | None) -> Path:
 
 
 class AdapterStore:
-    def __init__(self, config: AdapterConfig, targets: dict[str, tuple[int, int]],
+    def __init__(self, config: AdapterConfig, base: BaseModelSpec,
                  load_slot: Callable[[int, AdapterWeights], None], clear_slot: Callable[[int], None],
                  on_ready: Callable[[], None] = lambda: None):
         self.config = config
-        self.targets = targets
+        self.base = base
         self._load_slot = load_slot
         self._clear_slot = clear_slot
         self._on_ready = on_ready
@@ -128,8 +130,9 @@ class AdapterStore:
         with self._lock:
             self._refuse_duplicate(adapter_id)
             self._generation += 1
-            entry = _Entry(f"{adapter_id}#{self._generation}", adapter_id, path, weights.peft_type,
-                           weights.max_rank, weights.target_modules, weights.size_bytes, pin)
+            entry = _Entry(f"{adapter_id}#{self._generation}", adapter_id, path, weights.peft_type, weights.kind,
+                           weights.num_virtual_tokens, weights.max_rank, weights.target_modules,
+                           weights.size_bytes, pin)
             self._entries[entry.key] = entry
             self._current[adapter_id] = entry.key
             self._store_host(entry, weights, seconds)
@@ -189,6 +192,27 @@ class AdapterStore:
                 return False
             return True
 
+    def kind(self, key: str) -> tuple[str, int]:
+        """(AdapterWeights.kind, num_virtual_tokens) of a registration key."""
+        with self._lock:
+            entry = self._entries[key]
+            return entry.kind, entry.num_virtual_tokens
+
+    def host_weights(self, key: str) -> AdapterWeights | None:
+        """The converted weights if they are in host memory (else a background load is requested)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry.weights is None:
+                self._request_load(entry)
+            return entry.weights
+
+    def has_slot(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.slot is not None
+
     def failure(self, key: str) -> str | None:
         """Why the adapter's last background reload failed (its files changed on disk), if it did."""
         with self._lock:
@@ -223,7 +247,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ internals (lock held)
     def _read(self, path: Path) -> AdapterWeights:
-        return load_adapter(path, self.targets, self.config.max_rank, self.config.allow_pickle)
+        return load_adapter(path, self.base, self.config.max_rank, self.config.allow_pickle)
 
     def _refuse_duplicate(self, adapter_id: str) -> None:
         with self._lock:
@@ -249,7 +273,8 @@ class AdapterStore:
 
     def _info(self, entry: _Entry) -> AdapterInfo:
         return AdapterInfo(entry.adapter_id, str(entry.source), entry.peft_type, entry.max_rank,
-                           list(entry.target_modules), 0, self._state(entry), entry.size_bytes, entry.pinned)
+                           list(entry.target_modules), entry.num_virtual_tokens, self._state(entry),
+                           entry.size_bytes, entry.pinned)
 
     def _store_host(self, entry: _Entry, weights: AdapterWeights, seconds: float) -> None:
         entry.weights = weights

@@ -31,7 +31,7 @@ from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.model_runner import ModelRunner, StepInput
 from loraplex.server.sampling import Sampler, SamplingParams, make_generator
 from loraplex.server.scheduler import Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence
+from loraplex.server.sequence import Sequence, SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,10 @@ class _RequestState:
     generator: torch.Generator | None
     max_new_tokens: int
     adapter_key: str | None
+    kind: str
+    """"base" or the adapter's AdapterWeights.kind."""
+    num_virtual: int
+    """The adapter's virtual tokens (prompt or prefix tuning), before padding."""
 
 
 class LLMEngine:
@@ -110,14 +114,15 @@ class LLMEngine:
         self.initial_free_blocks = self.block_manager.num_free_blocks
         self.scheduler = Scheduler(config.scheduler or self._default_scheduler_config(), self.block_manager)
         self._wake = threading.Event()
-        self.store = AdapterStore(config.adapters, self.runner.lora_targets, self.runner.load_slot,
+        self.store = AdapterStore(config.adapters, self.runner.base_spec, self.runner.load_slot,
                                   self.runner.clear_slot, on_ready=self._wake.set)
         self.sampler = Sampler()
         self._seeds = random.Random(config.seed)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._sequences: dict[str, Sequence] = {}  # request id -> live sequence
-        self._lock = threading.Lock()  # guards _sequences membership for add/abort from other threads
+        self._prefixes: dict[str, SharedPrefix] = {}  # adapter key -> its shared prefix blocks
+        self._lock = threading.Lock()  # guards _sequences and _prefixes for add/abort from other threads
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
         self.num_preemptions = 0
@@ -144,28 +149,35 @@ class LLMEngine:
         if not request.request_id:
             raise InvalidArgument("request_id is empty")
         prompt_ids = self._prompt_ids(request)
-        max_len = self.scheduler.config.max_model_len
-        if len(prompt_ids) >= max_len:
-            raise InvalidArgument(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_len} tokens, "
-                "including at least one generated token"
-            )
-        max_new_tokens = min(params.max_new_tokens, max_len - len(prompt_ids))
-        problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens)
-        if problem is not None:
-            raise problem
         adapter_key = self.store.acquire(request.adapter_id) if request.adapter_id else None
         try:
+            kind, num_virtual = self.store.kind(adapter_key) if adapter_key else ("base", 0)
+            max_len = self.scheduler.config.max_model_len
+            if len(prompt_ids) + num_virtual >= max_len:
+                virtual = f" (+ {num_virtual} virtual tokens of the adapter)" if num_virtual else ""
+                raise InvalidArgument(
+                    f"the prompt has {len(prompt_ids)} tokens{virtual}; the model's context is {max_len} tokens, "
+                    "including at least one generated token"
+                )
+            max_new_tokens = min(params.max_new_tokens, max_len - len(prompt_ids) - num_virtual)
+            # prefix-tuning entries fill whole blocks, shared by every sequence of the adapter
+            kv_virtual = self.block_manager.blocks_for(num_virtual) * self.block_manager.block_size \
+                if kind == "prefix" else num_virtual
+            problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens, kv_virtual)
+            if problem is not None:
+                raise problem
             generator = None if params.greedy else make_generator(
                 params.seed if params.seed is not None else self._seeds.getrandbits(63), self.runner.device
             )
             state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                                  StopChecker(params.stop), generator, max_new_tokens, adapter_key)
+                                  StopChecker(params.stop), generator, max_new_tokens, adapter_key, kind, num_virtual)
             seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens,
-                           adapter_id=adapter_key, extra=state)
+                           adapter_id=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
             with self._lock:
                 if request.request_id in self._sequences:
                     raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
+                if kind == "prefix":
+                    seq.shared_prefix = self._prefixes.setdefault(adapter_key, SharedPrefix(kv_virtual))
                 self._sequences[request.request_id] = seq
         except BaseException:
             if adapter_key is not None:
@@ -235,23 +247,16 @@ class LLMEngine:
         started = time.perf_counter()
         self._drain_inbox()
         self._fail_broken_adapters()
-        out = self.scheduler.schedule(self.store.is_ready)
+        out = self.scheduler.schedule(self._adapter_ready)
         self.num_preemptions += len(out.preempted)
         if not out.scheduled:
+            self._release_idle_prefixes()
             return None
         running_keys = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
         running_keys |= {s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}
         slots = self.store.assign_slots(running_keys)
-        inputs = [
-            StepInput(
-                token_ids=s.seq.token_ids_at(s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens),
-                start_position=s.seq.num_computed_tokens,
-                block_table=s.seq.block_table,
-                slot=slots.get(s.seq.adapter_id, -1),
-                samples=s.samples,
-            )
-            for s in out.scheduled
-        ]
+        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_id, -1), s.samples)
+                  for s in out.scheduled]
         logits = self.runner.execute(inputs)
         sampling = [s.seq for s in out.scheduled if s.samples]
         sampled: dict[int, int] = {}
@@ -276,9 +281,50 @@ class LLMEngine:
             seconds=time.perf_counter() - started,
         )
         self.num_steps += 1
+        self._release_idle_prefixes()
         for listener in self.step_listeners:
             listener(stats)
         return stats
+
+    def _step_input(self, seq: Sequence, n: int, slot: int, samples: bool) -> StepInput:
+        state: _RequestState = seq.extra
+        start = seq.num_computed_tokens
+        virtual = skip = None
+        if state.kind == "prompt" and start < state.num_virtual:
+            virtual = self.runner.slot_prompts[slot][start : min(start + n, state.num_virtual)]
+        elif state.kind == "prefix" and seq.num_virtual_tokens > state.num_virtual:
+            skip = (state.num_virtual, seq.num_virtual_tokens)
+        return StepInput(token_ids=seq.token_ids_at(start, start + n), start=start, block_table=seq.block_table,
+                         slot=slot, samples=samples, virtual_embeddings=virtual, skip=skip)
+
+    def _adapter_ready(self, key: str) -> bool:
+        """Whether sequences of this adapter can be admitted now; fills a prefix adapter's blocks."""
+        if not self.store.is_ready(key):
+            return False
+        with self._lock:
+            prefix = self._prefixes.get(key)
+        if prefix is None or prefix.blocks is not None:
+            return True
+        weights = self.store.host_weights(key)
+        needed = self.block_manager.blocks_for(prefix.num_positions)
+        if weights is None or self.block_manager.num_free_blocks < needed:
+            return False
+        prefix.blocks = self.block_manager.allocate_blocks(needed)
+        self.runner.write_prefix(prefix.blocks, weights.prefix_kv)
+        return True
+
+    def _release_idle_prefixes(self) -> None:
+        """Free the prefix blocks of adapters that no live request uses and that left the device tier."""
+        with self._lock:
+            live = {seq.adapter_id for seq in self._sequences.values()}
+            for key, prefix in list(self._prefixes.items()):
+                if key in live:
+                    continue
+                if prefix.blocks is not None and not self.store.has_slot(key):
+                    self.block_manager.free_blocks(prefix.blocks)
+                    prefix.blocks = None
+                if prefix.blocks is None:
+                    del self._prefixes[key]
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -311,11 +357,14 @@ class LLMEngine:
             if stopped:
                 finish = FINISH_STOP
         if finish is None and (
-            seq.num_output_tokens >= state.max_new_tokens or seq.num_tokens >= self.scheduler.config.max_model_len
+            seq.num_output_tokens >= state.max_new_tokens
+            or seq.num_tokens + state.num_virtual >= self.scheduler.config.max_model_len
         ):
             finish = FINISH_LENGTH
-        if finish in (FINISH_EOS, FINISH_LENGTH):
-            text += state.stop_checker.feed(state.detokenizer.flush())[0] + state.stop_checker.flush()
+        if finish in (FINISH_EOS, FINISH_LENGTH):  # release held-back text; it may still complete a stop string
+            tail, stopped = state.stop_checker.feed(state.detokenizer.flush())
+            text += tail if stopped else tail + state.stop_checker.flush()
+            finish = FINISH_STOP if stopped else finish
         output = RequestOutput(
             seq.request_id,
             text=text,

@@ -1,4 +1,5 @@
-"""LoRA on the base model's linear projections, for a batch that mixes adapters.
+"""LoRA (and the other per-projection adapter types) on the base model's linear projections, for a
+batch that mixes adapters.
 
 Every linear projection of every decoder layer is wrapped by a `LoRALinear`. Projections that read
 the same input (q/k/v; gate/up) form one `LoRAGroup` whose weights live in one stacked pool, so a
@@ -13,6 +14,13 @@ The first projection of a group called in a step computes the whole group's LoRA
 (`[tokens, out_total]`), the others reuse it; each adds its own columns to its base output. The step's
 adapter layout (`LoRAMeta`, one slot per token) is set on the shared `LoRAStepContext` by the model
 runner before the forward pass and cleared after it.
+
+Per-projection vectors of the other types live on each `LoRALinear`, one row per slot plus a last
+row of ones for tokens without such an adapter (allocated on first use):
+
+    dora_scale  [num_slots + 1, out]   DoRA: y = g ⊙ (base(x) − bias + LoRA(x)) + bias
+    ia3_in      [num_slots + 1, in]    IA3 on a feed-forward module: y = base(x ⊙ l)
+    ia3_out     [num_slots + 1, out]   IA3 elsewhere: y = base(x) ⊙ l
 """
 
 from __future__ import annotations
@@ -49,16 +57,24 @@ class LoRAStepContext:
 
     meta: LoRAMeta | None = None
     """This step's slot layout; None when no token of the step uses an adapter."""
+    rows: torch.Tensor | None = None
+    """[tokens] long: each token's slot, with the base model's -1 mapped to the row of ones."""
+    has_lora: bool = False
+    has_dora: bool = False
+    has_ia3: bool = False
     cache: dict = field(default_factory=dict)
     """Per-step group deltas: id(group) -> (input tensor, delta)."""
 
-    def begin(self, meta: LoRAMeta | None) -> None:
+    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[str] = frozenset()) -> None:
         self.meta = meta
+        self.rows = rows
+        self.has_lora = bool(kinds & {"lora", "dora"})
+        self.has_dora = "dora" in kinds
+        self.has_ia3 = "ia3" in kinds
         self.cache.clear()
 
     def end(self) -> None:
-        self.meta = None
-        self.cache.clear()
+        self.begin(None)
 
 
 class LoRAPool:
@@ -118,23 +134,59 @@ class LoRAGroup:
 
 
 class LoRALinear(nn.Module):
-    """A base projection plus the LoRA delta of each token's adapter."""
+    """A base projection plus each token's adapter: LoRA delta, DoRA row scale, IA3 scales."""
 
-    def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int):
+    def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int, num_slots: int):
         super().__init__()
         self.base = base
         self.group = group
         self.slice_index = slice_index
+        self.num_slots = num_slots
         self.in_features, self.out_features = linear_features(base)
+        self.dora_scale: torch.Tensor | None = None
+        self.ia3_in: torch.Tensor | None = None
+        self.ia3_out: torch.Tensor | None = None
+
+    def _vectors(self, name: str, width: int) -> torch.Tensor:
+        table = getattr(self, name)
+        if table is None:
+            pool = self.group.pool
+            table = torch.ones(self.num_slots + 1, width, dtype=pool.b_t.dtype, device=pool.b_t.device)
+            setattr(self, name, table)
+        return table
+
+    def load_slot(self, slot: int, dora_scale: torch.Tensor | None, ia3_in: torch.Tensor | None,
+                  ia3_out: torch.Tensor | None) -> None:
+        """Set (or reset to ones) this projection's per-slot vectors."""
+        for name, width, vector in (("dora_scale", self.out_features, dora_scale),
+                                    ("ia3_in", self.in_features, ia3_in),
+                                    ("ia3_out", self.out_features, ia3_out)):
+            if vector is not None:
+                self._vectors(name, width)[slot].copy_(vector)
+            elif getattr(self, name) is not None:
+                getattr(self, name)[slot].fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.group.context.meta is None:
-            return y
-        pool = self.group.pool
-        offset = pool.slice_offsets[self.slice_index]
-        delta = self.group.delta(x)[:, offset : offset + self.out_features]
-        return y + delta.view(y.shape).to(y.dtype)
+        context = self.group.context
+        if context.meta is None:
+            return self.base(x)
+        rows = context.rows
+        x_base = x
+        if context.has_ia3 and self.ia3_in is not None:
+            x_base = x * self.ia3_in[rows].view(*x.shape[:-1], -1).to(x.dtype)
+        y = self.base(x_base)
+        if context.has_lora:
+            pool = self.group.pool
+            offset = pool.slice_offsets[self.slice_index]
+            delta = self.group.delta(x)[:, offset : offset + self.out_features]
+            y = y + delta.view(y.shape).to(y.dtype)
+        if context.has_dora and self.dora_scale is not None:
+            scale = self.dora_scale[rows].view(y.shape).to(y.dtype)
+            bias = getattr(self.base, "bias", None)
+            y = scale * y if bias is None else scale * (y - bias) + bias
+        if context.has_ia3 and self.ia3_out is not None:
+            y = y * self.ia3_out[rows].view(y.shape).to(y.dtype)
+        return y
 
 
 def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -160,16 +212,17 @@ def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-               context: LoRAStepContext) -> dict[str, tuple[LoRAGroup, int]]:
-    """Replace every servable projection by a LoRALinear; returns module path -> (group, slice)."""
+               context: LoRAStepContext) -> dict[str, LoRALinear]:
+    """Replace every servable projection by a LoRALinear; returns module path -> its LoRALinear."""
     modules = dict(model.named_modules())
-    table: dict[str, tuple[LoRAGroup, int]] = {}
+    table: dict[str, LoRALinear] = {}
     for name, paths in find_lora_targets(model):
         features = [linear_features(modules[path]) for path in paths]
         pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank, dtype, device)
         group = LoRAGroup(name, paths, pool, context)
         for index, path in enumerate(paths):
             parent_path, _, leaf = path.rpartition(".")
-            setattr(modules[parent_path], leaf, LoRALinear(modules[path], group, index))
-            table[path] = (group, index)
+            wrapped = LoRALinear(modules[path], group, index, num_slots)
+            setattr(modules[parent_path], leaf, wrapped)
+            table[path] = wrapped
     return table

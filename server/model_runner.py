@@ -15,7 +15,7 @@ import torch
 
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server import attention
-from loraplex.server.adapter_loader import AdapterWeights
+from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig
 from loraplex.server.errors import UserError
 from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
@@ -28,17 +28,30 @@ CPU_DEFAULT_KV_TOKENS = 32768
 
 @dataclass
 class StepInput:
-    """One scheduled sequence, as the runner needs it."""
+    """One scheduled sequence, as the runner needs it.
+
+    The sequence's KV indices are its cache positions: `[start, start + n)` are computed this step.
+    Two adapter types put virtual entries first:
+    - prompt tuning: KV indices [0, P) are P virtual input embeddings, computed like any prefill;
+      `virtual_embeddings` holds the rows of this step's part of them (they come before token_ids);
+    - prefix tuning: KV indices [0, P) hold the adapter's shared prefix keys/values and [P, P_pad) are
+      padding to a block boundary (so the shared blocks are never written); `skip` = (P, P_pad) are
+      left out of attention and the model sees position `index - (P_pad - P)`.
+    """
 
     token_ids: list[int]
-    """The tokens to run this step."""
-    start_position: int
-    """Position of token_ids[0] in the sequence (= tokens already in the cache)."""
+    """Real tokens to run this step."""
+    start: int
+    """KV index of the step's first entry (= entries already in the cache)."""
     block_table: list[int]
     slot: int
     """Device adapter slot, -1 for the base model."""
     samples: bool
-    """Keep the logits of the last token (the sequence samples its next token)."""
+    """Keep the logits of the last entry (the sequence samples its next token)."""
+    virtual_embeddings: torch.Tensor | None = None
+    """[v, hidden] virtual input rows computed this step, before token_ids (prompt tuning)."""
+    skip: tuple[int, int] | None = None
+    """KV index range of prefix padding, invisible to attention and to positions (prefix tuning)."""
 
 
 def load_base_model(config: EngineConfig):
@@ -108,10 +121,19 @@ class ModelRunner:
         adapters = config.adapters
         self.num_slots = adapters.max_device_adapters
         self.lora_context = LoRAStepContext()
-        modules = dict(self.model.named_modules())
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
                                      self.lora_context)
-        self.lora_targets = {path: linear_features(modules[path]) for path in self.lora_table}
+        self.base_spec = BaseModelSpec(
+            targets={path: linear_features(module.base) for path, module in self.lora_table.items()},
+            hidden_size=hf.hidden_size,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            base_weight=self._base_weight,
+            bias=lambda path: getattr(self.lora_table[path].base, "bias", None),
+        )
+        self.slot_kinds: list[str | None] = [None] * self.num_slots
+        self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
 
         block_size = config.cache.block_size
         self.block_size = block_size
@@ -134,24 +156,51 @@ class ModelRunner:
         return -(-CPU_DEFAULT_KV_TOKENS // cache.block_size)
 
     def lora_bytes(self) -> int:
-        groups = {id(group): group for group, _ in self.lora_table.values()}
+        groups = {id(module.group): module.group for module in self.lora_table.values()}
         return sum(group.pool.nbytes() for group in groups.values())
+
+    def _base_weight(self, path: str) -> torch.Tensor:
+        """The projection's weight [out, in] in float32, dequantized as peft does for DoRA."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        with torch.no_grad():
+            return dequantize_module_weight(self.lora_table[path].base).detach().float()
 
     # ------------------------------------------------------------------ adapters
     def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
-        """Copy a host adapter into device slot `slot`; untargeted projections get rank 0."""
-        for path, (group, index) in self.lora_table.items():
+        """Copy a host adapter into device slot `slot`; what it does not target gets rank 0 / ones."""
+        for path, module in self.lora_table.items():
             weights = adapter.lora.get(path)
             if weights is None:
-                group.pool.load(slot, index, None, None, 0.0)
+                module.group.pool.load(slot, module.slice_index, None, None, 0.0)
             else:
                 a = weights.a.to(self.device, self.dtype, non_blocking=True)
                 b = weights.b.to(self.device, self.dtype, non_blocking=True)
-                group.pool.load(slot, index, a, b, weights.scaling)
+                module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
+            module.load_slot(slot, *(self._on_device(table.get(path))
+                                     for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))
+        self.slot_kinds[slot] = adapter.kind
+        self.slot_prompts[slot] = self._on_device(adapter.prompt_embeddings)
 
     def clear_slot(self, slot: int) -> None:
-        for group, index in self.lora_table.values():
-            group.pool.load(slot, index, None, None, 0.0)
+        for module in self.lora_table.values():
+            module.group.pool.load(slot, module.slice_index, None, None, 0.0)
+            module.load_slot(slot, None, None, None)
+        self.slot_kinds[slot] = None
+        self.slot_prompts[slot] = None
+
+    def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.device, self.dtype)
+
+    def write_prefix(self, blocks: list[int], prefix_kv: torch.Tensor) -> None:
+        """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim]) in `blocks`."""
+        count = prefix_kv.shape[3]
+        table = torch.tensor(blocks, dtype=torch.long)
+        slots = (table[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:count].to(self.device)
+        for layer in range(self.num_layers):
+            kv = prefix_kv[layer].to(self.device, self.kv_cache.k[layer].dtype)
+            self.kv_cache.k[layer].index_copy_(0, slots, kv[0].transpose(0, 1))
+            self.kv_cache.v[layer].index_copy_(0, slots, kv[1].transpose(0, 1))
 
     # ------------------------------------------------------------------ one step
     def _lora_meta(self, token_slots: list[int]) -> LoRAMeta | None:
@@ -172,22 +221,32 @@ class ModelRunner:
         token_slots: list[int] = []
         slot_mapping: list[int] = []
         spans: list[attention.SequenceSpan] = []
+        virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
         bs = self.block_size
         for i in order:
             item = inputs[i]
-            n = len(item.token_ids)
-            start = len(token_ids)
+            num_virtual = 0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0]
+            n = num_virtual + len(item.token_ids)
+            row = len(token_ids)
+            if num_virtual:
+                virtual.append((row, item.virtual_embeddings))
+            token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
             token_ids.extend(item.token_ids)
-            end_position = item.start_position + n
-            positions.extend(range(item.start_position, end_position))
-            token_slots.extend([item.slot] * n)
+            end = item.start + n
             table = torch.tensor(item.block_table, dtype=torch.long)
-            context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end_position]
-            slot_mapping.extend(context_slots[item.start_position :].tolist())
-            spans.append(attention.SequenceSpan(start, n, context_slots.to(self.device)))
+            context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
+            slot_mapping.extend(context_slots[item.start :].tolist())
+            shift = 0
+            if item.skip is not None:
+                low, high = item.skip
+                context_slots = torch.cat([context_slots[:low], context_slots[high:]])
+                shift = high - low
+            positions.extend(range(item.start - shift, end - shift))
+            token_slots.extend([item.slot] * n)
+            spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
             if item.samples:
-                keep[i] = start + n - 1
+                keep[i] = row + n - 1
 
         device = self.device
         meta = attention.AttentionMeta(
@@ -197,10 +256,17 @@ class ModelRunner:
         )
         sampling = [i for i in range(len(inputs)) if i in keep]
         keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
-        self.lora_context.begin(self._lora_meta(token_slots))
+        ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+        model_inputs = {"input_ids": ids}
+        if virtual:
+            embeds = self.model.get_input_embeddings()(ids)
+            for row, rows in virtual:
+                embeds[0, row : row + rows.shape[0]] = rows.to(device, embeds.dtype)
+            model_inputs = {"inputs_embeds": embeds}
+        self._begin_adapters(token_slots)
         try:
             output = self.model(
-                input_ids=torch.tensor([token_ids], dtype=torch.long, device=device),
+                **model_inputs,
                 position_ids=torch.tensor([positions], dtype=torch.long, device=device),
                 use_cache=False,
                 logits_to_keep=keep_index,
@@ -209,3 +275,11 @@ class ModelRunner:
         finally:
             self.lora_context.end()
         return output.logits[0].float()
+
+    def _begin_adapters(self, token_slots: list[int]) -> None:
+        kinds = {self.slot_kinds[slot] for slot in set(token_slots) if slot >= 0} - {None}
+        if not kinds & {"lora", "dora", "ia3"}:
+            self.lora_context.begin(None)
+            return
+        rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
+        self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)

@@ -316,7 +316,7 @@ class Scheduler:
                     held.add(_ADAPTERS)  # keep the slot that is free now for it while it loads
                 kept.append(seq)
                 continue
-            elif not bm.can_allocate(seq, seq.num_uncomputed_tokens):
+            elif not self._attach_blocks(seq):
                 reason = _BLOCKS
             if reason is not None:
                 blocked.append((seq, reason))
@@ -342,6 +342,26 @@ class Scheduler:
         for seq_id in bypassed:
             self._bypassed[seq_id] = self._bypassed.get(seq_id, 0) + 1
         return budget
+
+    def _attach_blocks(self, seq: Sequence) -> bool:
+        """Whether `seq` can get blocks for its whole remaining prefill; shares its prefix blocks first.
+
+        A prefix-tuning sequence starts with its adapter's shared blocks in its table and those
+        positions computed; if the rest does not fit, the share is undone.
+        """
+        bm = self.block_manager
+        prefix = seq.shared_prefix
+        if prefix is None or seq.block_table:
+            return bm.can_allocate(seq, seq.num_uncomputed_tokens)
+        if prefix.blocks is None:
+            raise RuntimeError(f"sequence {seq.seq_id}: its adapter's prefix blocks were not filled before admission")
+        seq.block_table = bm.share(prefix.blocks)
+        seq.num_computed_tokens = prefix.num_positions
+        if bm.can_allocate(seq, seq.num_uncomputed_tokens):
+            return True
+        bm.free(seq)
+        seq.num_computed_tokens = 0
+        return False
 
     @staticmethod
     def _ready(adapter: str, adapter_ready: Callable[[str | None], bool], memo: dict[str, bool]) -> bool:

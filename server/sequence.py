@@ -28,6 +28,18 @@ import itertools
 import time
 
 
+class SharedPrefix:
+    """KV blocks holding positions [0, num_positions) for every sequence of one prefix adapter.
+
+    The engine fills `blocks` (whole blocks: num_positions is a multiple of the block size) before
+    the scheduler admits a sequence of that adapter, and keeps one reference to them itself.
+    """
+
+    def __init__(self, num_positions: int) -> None:
+        self.num_positions = num_positions
+        self.blocks: list[int] | None = None
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     """Queued: never admitted yet, or preempted (its blocks freed, to be recomputed)."""
@@ -81,6 +93,8 @@ class Sequence:
         """How many times it was preempted (blocks freed, KV recomputed on readmission)."""
         self.extra = extra
         """Opaque to the scheduler: the engine's per-request state (sampling params, queue, ...)."""
+        self.shared_prefix: SharedPrefix | None = None
+        """Prefix tuning: blocks holding the adapter's virtual KV entries, shared by its sequences."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,91 @@
+"""Every method: training lowers the loss, and the saved adapter loads with PeftModel.from_pretrained,
+changes the base model's output, and reproduces the trained model's loss exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraplex.server.train import METHODS, TrainConfig, train
+from loraplex.server.train.data import encode, load_examples
+from loraplex.server.train.trainer import SUMMARY_FILE, evaluate_loss
+
+LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+PEFT_TYPE = {
+    "lora": "LORA",
+    "qlora": "LORA",
+    "dora": "LORA",
+    "adalora": "ADALORA",
+    "ia3": "IA3",
+    "prefix": "PREFIX_TUNING",
+    "prompt": "PROMPT_TUNING",
+    "p-tuning": "P_TUNING",
+}
+
+
+def load_base(model_dir, method):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method != "qlora":
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, device_map={"": "cpu"})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_lowers_loss_and_adapter_loads(method, demo_model_dir, shared_pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "adapter"
+    summary = train(
+        TrainConfig(
+            model=demo_model_dir,
+            method=method,
+            data=shared_pairs_file,
+            eval_data=shared_pairs_file,
+            out=out,
+            max_steps=30,
+            batch_size=4,
+            quiet=True,
+        )
+    )
+
+    assert summary.steps == 30 and summary.epochs == 30
+    assert summary.eval_loss < summary.eval_loss_initial - 0.3, summary
+    assert summary.train_loss_last < summary.train_loss_first - 0.3, summary
+    assert 0 < summary.trainable_params < summary.total_params
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", SUMMARY_FILE]
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary.to_dict()
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == PEFT_TYPE[method]
+    assert adapter_config.get("use_dora", False) == (method == "dora")
+    if method in ("lora", "qlora", "dora", "adalora", "ia3"):
+        assert set(adapter_config["target_modules"]) == LLAMA_LINEARS
+    if method == "ia3":
+        assert adapter_config["feedforward_modules"] == ["down_proj"]
+    if method == "adalora":
+        assert adapter_config["total_step"] == 30
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    prompt = torch.tensor([tokenizer("Q: Where do fish live?\nA:")["input_ids"]])
+    base = load_base(demo_model_dir, method).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=prompt).logits
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        adapted_logits = adapted(input_ids=prompt).logits[:, -prompt.shape[1] :]
+    assert (adapted_logits - base_logits).abs().max() > 1e-2
+
+    # The files hold exactly what was trained: the loaded adapter's loss is the summary's.
+    eval_set = encode(load_examples(shared_pairs_file), tokenizer, 512)
+    reloaded_loss = evaluate_loss(adapted, eval_set, 4, tokenizer.pad_token_id, torch.device("cpu"))
+    assert reloaded_loss == pytest.approx(summary.eval_loss, rel=1e-4)
