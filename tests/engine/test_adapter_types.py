@@ -1,0 +1,191 @@
+"""Every PEFT adapter type, alone and side by side in one mixed batch, against peft's forward pass.
+
+The oracle is greedy decoding through `PeftModel`'s forward with the whole sequence recomputed each
+step (peft 0.21's `generate` drops prefix-tuning prefixes and drifts for prompt/P-tuning, so it is
+not the reference for those types). Float32; tokens must be equal, logprobs within 1e-4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.server.train.config import TrainConfig
+from loraplex.server.train.trainer import train
+from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
+
+MAX_NEW = 8
+TYPE_CONFIGS = {
+    "lora": lambda: _peft().LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: _peft().LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "adalora": lambda: _peft().AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=12,
+                                             target_modules=["q_proj", "v_proj", "up_proj"]),
+    "ia3": lambda: _peft().IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"]),
+    "prefix": lambda: _peft().PrefixTuningConfig(num_virtual_tokens=5),
+    "prefix-projection": lambda: _peft().PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True,
+                                                            encoder_hidden_size=48),
+    "prompt": lambda: _peft().PromptTuningConfig(num_virtual_tokens=7),
+    "p-tuning": lambda: _peft().PromptEncoderConfig(num_virtual_tokens=6, encoder_hidden_size=64),
+}
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+def make_adapter(base_dir: Path, out_dir: Path, kind: str, seed: int) -> Path:
+    """A peft adapter of `kind` with non-trivial random weights (none of peft's identity inits)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = TYPE_CONFIGS[kind]()
+    config.task_type = "CAUSAL_LM"
+    model = _peft().get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_E" in name:  # AdaLoRA starts with E = 0, i.e. no effect
+                param.normal_(0.0, 0.5)
+            elif "ia3_l" in name or "lora_magnitude_vector" in name:  # ones / the base norms
+                param.mul_(1.0 + 0.3 * torch.randn_like(param))
+            elif "lora_" in name:
+                param.normal_(0.0, 0.15)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _expected(base_dir, adapters, tokenizer, prompts, quantization="none"):
+    expected = {}
+    for name in [None, *adapters]:
+        model = load_peft(base_dir, adapters[name] if name else None, quantization)
+        for p in prompts:
+            expected[(name, p)] = oracle(model, tokenizer.encode(PROMPTS[p]), MAX_NEW, eos=None)
+    return expected
+
+
+def _serve(engine, adapters, prompts, register=True):
+    if register:
+        for name, path in adapters.items():
+            engine.register_adapter(name, str(path))
+    results = {(name, p): submit(engine, f"{name}-{p}", PROMPTS[p], adapter=name, max_new_tokens=MAX_NEW,
+                                 ignore_eos=True)
+               for p in prompts for name in [None, *adapters]}
+    run_until_done(engine)
+    return results
+
+
+def _assert_match(results, expected):
+    for key, collected in results.items():
+        tokens, logprobs = expected[key]
+        assert collected.token_ids == tokens, f"tokens differ for {key}"
+        error = max(abs(a - b) for a, b in zip(collected.logprobs, logprobs))
+        assert error < 1e-4, f"logprobs differ by {error} for {key}"
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(demo_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("types")
+    return {kind: make_adapter(demo_model_dir, root / kind, kind, seed=i) for i, kind in enumerate(TYPE_CONFIGS)}
+
+
+@pytest.fixture(scope="module")
+def expected_llama(demo_model_dir, peft_adapters):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    return _expected(demo_model_dir, peft_adapters, tokenizer, prompts=(0, 2))
+
+
+@pytest.mark.parametrize("kind", list(TYPE_CONFIGS))
+def test_each_type_alone_matches_peft(demo_model_dir, peft_adapters, expected_llama, kind):
+    # the adapter changes the output, so agreement is not trivial
+    assert any(expected_llama[(kind, p)][0] != expected_llama[(None, p)][0] for p in (0, 2)), kind
+    engine = make_engine(demo_model_dir)
+    engine.register_adapter(kind, str(peft_adapters[kind]))
+    results = {(kind, p): submit(engine, f"{kind}-{p}", PROMPTS[p], adapter=kind, max_new_tokens=MAX_NEW,
+                                 ignore_eos=True) for p in (0, 2)}
+    run_until_done(engine)
+    _assert_match(results, expected_llama)
+    info = engine.get_adapter(kind)
+    assert info.size_bytes > 0
+    if kind.startswith(("prefix", "prompt", "p-tuning")):
+        assert info.num_virtual_tokens == TYPE_CONFIGS[kind]().num_virtual_tokens
+    engine.unregister_adapter(kind)
+    engine.step()  # the step thread owns the blocks: it frees an unused adapter's prefix blocks
+    assert engine.block_manager.num_free_blocks == engine.initial_free_blocks
+
+
+def test_every_type_in_one_mixed_batch_matches_peft(demo_model_dir, peft_adapters, expected_llama):
+    engine = make_engine(demo_model_dir, max_device_adapters=len(peft_adapters))
+    _assert_match(_serve(engine, peft_adapters, prompts=(0, 2)), expected_llama)
+    assert engine.num_steps <= MAX_NEW + 1  # one batch: every request ran in the same steps
+
+
+def test_mixed_batch_on_qwen2_with_biases(demo_model_factory, tmp_path):
+    base_dir = demo_model_factory("qwen2")  # q/k/v carry a bias: DoRA must keep it out of its row scaling
+    adapters = {kind: make_adapter(base_dir, tmp_path / kind, kind, seed=30 + i) for i, kind in enumerate(TYPE_CONFIGS)}
+    engine = make_engine(base_dir, max_device_adapters=len(adapters))
+    expected = _expected(base_dir, adapters, engine.tokenizer, prompts=(1,))
+    _assert_match(_serve(engine, adapters, prompts=(1,)), expected)
+
+
+def test_mixed_batch_on_an_nf4_base_matches_peft_on_the_same_4bit_base(demo_model_dir, peft_adapters):
+    engine = make_engine(demo_model_dir, quantization="nf4", max_device_adapters=len(peft_adapters))
+    expected = _expected(demo_model_dir, peft_adapters, engine.tokenizer, prompts=(0,), quantization="nf4")
+    _assert_match(_serve(engine, peft_adapters, prompts=(0,)), expected)
+
+
+def test_requests_of_one_prefix_adapter_share_its_blocks(demo_model_dir, peft_adapters):
+    engine = make_engine(demo_model_dir, block_size=8)
+    engine.register_adapter("prefix", str(peft_adapters["prefix-projection"]))  # 20 virtual tokens: 3 blocks
+    first = submit(engine, "first", PROMPTS[0], adapter="prefix", max_new_tokens=MAX_NEW, ignore_eos=True)
+    second = submit(engine, "second", PROMPTS[0], adapter="prefix", max_new_tokens=MAX_NEW, ignore_eos=True)
+    engine.step()
+    bm = engine.block_manager
+    seqs = [engine._sequences["first"], engine._sequences["second"]]
+    shared = seqs[0].shared_prefix.blocks
+    assert shared is seqs[1].shared_prefix.blocks and len(shared) == 3
+    assert all(seq.block_table[:3] == shared for seq in seqs)
+    assert all(bm.ref_count(block) == 3 for block in shared)  # the engine's reference plus one per request
+    own = {block for seq in seqs for block in seq.block_table[3:]}
+    assert bm.num_used_blocks == len(shared) + len(own)  # the prefix is stored once
+    run_until_done(engine)
+    assert first.token_ids == second.token_ids
+    engine.unregister_adapter("prefix")
+    engine.step()
+    assert bm.num_free_blocks == engine.initial_free_blocks
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(demo_model_dir, tmp_path_factory):
+    """Adapters of every method made by `loraplex train` (a few steps on the pirate examples)."""
+    from importlib import resources
+
+    data = Path(str(resources.files("loraplex.server.data").joinpath("pirate.jsonl")))
+    root = tmp_path_factory.mktemp("trained")
+    methods = {"lora": {}, "qlora": {}, "dora": {}, "adalora": {}, "ia3": {}, "prefix": {}, "prompt": {},
+               "p-tuning": {}}
+    adapters = {}
+    for method, extra in methods.items():
+        out = root / method
+        train(TrainConfig(model=demo_model_dir, method=method, data=data, out=out, max_steps=6, batch_size=4,
+                          lr=5e-2, quiet=True, **extra))
+        adapters[method] = out
+    return adapters
+
+
+def test_adapters_made_by_loraplex_train_match_peft_alone_and_mixed(demo_model_dir, trained_adapters):
+    engine = make_engine(demo_model_dir, max_device_adapters=len(trained_adapters))
+    expected = _expected(demo_model_dir, trained_adapters, engine.tokenizer, prompts=(0,))
+    _assert_match(_serve(engine, trained_adapters, prompts=(0,)), expected)
+    for name in trained_adapters:
+        alone = submit(engine, f"alone-{name}", PROMPTS[0], adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
+        run_until_done(engine)
+        assert alone.token_ids == expected[(name, 0)][0], name
