@@ -13,7 +13,11 @@ adapters: --adapter ID=PATH registers an adapter before the server reports SERVI
 RegisterAdapter over the API reads only directories inside --adapter-root (anything resolving
 outside it, through '..', symlinks or absolute paths, gets PERMISSION_DENIED); without
 --adapter-root it is refused unless --allow-any-adapter-path is given, since a remote caller should
-not make the server read arbitrary paths. With --adapter-root, --adapter paths must lie inside it too.
+not make the server read arbitrary paths. --adapter paths are taken from the working directory and,
+with --adapter-root, must lie inside it too.
+--adapter-repo DIR serves every adapter of DIR without a register call: a request for an unregistered
+id registers DIR/ID/ first (ids follow the registration rules; a symlink out of DIR is refused), so
+replicas sharing a volume all serve all of its adapters.
 
 signals: SIGTERM or SIGINT turns health to NOT_SERVING, refuses new requests (UNAVAILABLE) and lets
 running ones finish for up to --drain-grace seconds; a second signal stops at once. Exit status 0.
@@ -58,6 +62,8 @@ def add_parser(subparsers) -> None:
                           help="register an adapter at start (repeatable)")
     adapters.add_argument("--adapter-root", type=Path, metavar="DIR",
                           help="adapter sources must resolve inside DIR (relative ones are taken from it)")
+    adapters.add_argument("--adapter-repo", type=Path, metavar="DIR",
+                          help="register an unregistered adapter id on first use from DIR/ID/ (just in time)")
     adapters.add_argument("--allow-any-adapter-path", action="store_true",
                           help="without --adapter-root, let RegisterAdapter read any path (trusted callers only)")
     adapters.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank served (default 64)")
@@ -69,10 +75,11 @@ def add_parser(subparsers) -> None:
 
 
 def parse_adapter(text: str) -> tuple[str, str]:
+    """ID=PATH, the path taken from the working directory as usual on a command line."""
     adapter_id, sep, path = text.partition("=")
     if not sep or not adapter_id or not path:
         raise UserError(f"--adapter {text!r}: expected ID=PATH, e.g. --adapter pirate=adapters/pirate")
-    return adapter_id, path
+    return adapter_id, str(Path(path).resolve())
 
 
 def config_from_args(args: argparse.Namespace):
@@ -89,15 +96,17 @@ def config_from_args(args: argparse.Namespace):
                            "float16" if on_cuda else "float32")
     if not args.model.is_dir():
         raise UserError(f"--model {args.model} is not a directory")
-    if args.adapter_root is not None and not args.adapter_root.is_dir():
-        raise UserError(f"--adapter-root {args.adapter_root} is not a directory")
+    for flag, path in (("--adapter-root", args.adapter_root), ("--adapter-repo", args.adapter_repo)):
+        if path is not None and not path.is_dir():
+            raise UserError(f"{flag} {path} is not a directory")
     try:
         engine = EngineConfig(
             model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
                               dtype=dtype, device=device),
             cache=CacheConfig(num_tokens=args.kv_cache_tokens),
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
-                                   max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root),
+                                   max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,
+                                   adapter_repo=args.adapter_repo),
         )
     except ValueError as error:  # the config dataclasses name the field and the allowed values
         raise UserError(str(error)) from None

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
                         help=f"where the model and adapters are kept (default {DEFAULT_CACHE})")
     parser.add_argument("--pretrain-steps", type=int, default=DEFAULT_PRETRAIN_STEPS, metavar="N",
-                        help=f"demo model pretraining steps (default {DEFAULT_PRETRAIN_STEPS})")
+                        help=f"demo model pretraining steps, 0 for random weights (default {DEFAULT_PRETRAIN_STEPS})")
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS, metavar="N",
                         help=f"LoRA training steps per adapter (default {DEFAULT_TRAIN_STEPS})")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
@@ -70,7 +70,11 @@ def _build_atomically(final: Path, build) -> None:
     partial.rename(final)
 
 
-def ensure_model(cache: Path, pretrain_steps: int, log=print) -> Path:
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def ensure_model(cache: Path, pretrain_steps: int, log=_log) -> Path:
     from loraplex.server.demo_model import build_demo_model
 
     model = cache / f"model-p{pretrain_steps}"
@@ -84,7 +88,7 @@ def ensure_model(cache: Path, pretrain_steps: int, log=print) -> Path:
     return model
 
 
-def ensure_adapters(cache: Path, model: Path, pretrain_steps: int, train_steps: int, log=print) -> Path:
+def ensure_adapters(cache: Path, model: Path, pretrain_steps: int, train_steps: int, log=_log) -> Path:
     from loraplex.server.train import TrainConfig, train
     from loraplex.server.train.trainer import SUMMARY_FILE
 
@@ -188,10 +192,14 @@ def _total(samples: dict[str, float], name: str) -> float:
 
 # ---------------------------------------------------------------------- the command
 def run(args: argparse.Namespace) -> int:
-    for flag, value in (("--pretrain-steps", args.pretrain_steps), ("--train-steps", args.train_steps),
-                        ("--max-new-tokens", args.max_new_tokens)):
+    if args.pretrain_steps < 0:
+        raise UserError(f"--pretrain-steps must be >= 0 (0: random weights), got {args.pretrain_steps}")
+    for flag, value in (("--train-steps", args.train_steps), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own lines say what is happening
     started = time.perf_counter()
     cache = args.cache_dir.expanduser()
     cache.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,28 @@ def test_tls(demo_model_dir, tmp_path):
                 plaintext.generate("hi")
     finally:
         thread.stop()
+
+
+def test_serve_refuses_bad_flags_in_one_line(demo_model_dir, tmp_path, capsys):
+    base = ["serve", "--model", str(demo_model_dir), "--device", "cpu", "--port", "0", "--metrics-port", "0"]
+    for extra, message in (
+        (["--tls-cert", str(tmp_path / "c.pem")], "--tls-cert and --tls-key go together"),
+        (["--adapter", "pirate"], "expected ID=PATH"),
+        (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1"),
+        (["--adapter-root", str(tmp_path / "missing")], "is not a directory"),
+        (["--quantization", "none", "--max-device-adapters", "4", "--max-host-adapters", "2"], "max_host_adapters"),
+    ):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("loraplex serve: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_bad_startup_adapter_stops_the_start(demo_model_dir, tmp_path):
+    config = ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0, warmup=False,
+                          adapters=(("ghost", str(tmp_path / "nowhere")),))
+    thread = ServerThread(config)
+    try:
+        with pytest.raises(Exception, match="--adapter ghost="):
+            thread.start()
+    finally:
+        thread.stop()
