@@ -10,6 +10,9 @@
   running sequences; a slot used by the current step is never evicted.
 - Every accepted request holds a reference (`acquire`/`release`): unregistering an adapter refuses
   new requests at once, while the accepted ones finish on the weights they started with.
+- With an adapter repository (`AdapterConfig.adapter_repo`), `acquire` of an unregistered id first
+  registers `<repo>/<id>/` (`load_from_repo`), so replicas sharing a volume serve all of its adapters
+  without a register call each. Async callers run `load_from_repo` off their event loop beforehand.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class AdapterStore:
         self.loads: Counter[str] = Counter()  # tier -> loads into it
         self.evictions: Counter[str] = Counter()  # tier -> evictions from it
         self.load_listeners: list[Callable[[str, float], None]] = []  # (tier, seconds) after each load
+        self._repo_loads: dict[str, threading.Lock] = {}  # adapter id -> held while reading it from the repo
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="loraplex-adapter-loader", daemon=True)
         self._worker.start()
@@ -122,7 +126,9 @@ class AdapterStore:
     # ------------------------------------------------------------------ registry (any thread)
     def register(self, adapter_id: str, source: str | Path, pin: bool = False) -> AdapterInfo:
         validate_adapter_id(adapter_id)
-        path = resolve_source(source, self.config.adapter_root)
+        return self._register(adapter_id, resolve_source(source, self.config.adapter_root), pin)
+
+    def _register(self, adapter_id: str, path: Path, pin: bool) -> AdapterInfo:
         self._refuse_duplicate(adapter_id)
         started = time.perf_counter()
         weights = self._read(path)
@@ -154,11 +160,47 @@ class AdapterStore:
         with self._lock:
             return [self._info(self._entries[key]) for _, key in sorted(self._current.items())]
 
+    def would_load_from_repo(self, adapter_id: str) -> bool:
+        """Whether `acquire(adapter_id)` would first read the adapter from the repository."""
+        with self._lock:
+            return self.config.adapter_repo is not None and adapter_id not in self._current
+
+    def load_from_repo(self, adapter_id: str) -> None:
+        """Register `adapter_id` from `<adapter_repo>/<id>/` unless it is registered (or there is no repo).
+
+        Ids follow the registration rules (so no '..' or '/'); a directory that resolves outside the
+        repository (a symlink) is PERMISSION_DENIED, a missing one NOT_FOUND, an adapter that does not
+        fit the base FAILED_PRECONDITION. Concurrent first requests for one id read it once.
+        """
+        repo = self.config.adapter_repo
+        if repo is None or not self.would_load_from_repo(adapter_id):
+            return
+        validate_adapter_id(adapter_id)
+        path = (repo / adapter_id).resolve()
+        if not path.is_relative_to(repo):
+            raise PermissionDenied(f"adapter {adapter_id!r} of the adapter repository {repo} resolves outside it")
+        if not path.is_dir():
+            raise NotFound(f"adapter {adapter_id!r} is not registered and the adapter repository {repo} has no "
+                           f"directory {adapter_id!r}")
+        with self._lock:
+            loading = self._repo_loads.setdefault(adapter_id, threading.Lock())
+        with loading:
+            try:
+                if self.would_load_from_repo(adapter_id):  # else a request we waited for registered it
+                    self._register(adapter_id, path, pin=False)
+            except AlreadyExists:  # an explicit registration came first: serve that one
+                pass
+            finally:
+                with self._lock:
+                    if self._repo_loads.get(adapter_id) is loading:
+                        del self._repo_loads[adapter_id]
+
     def acquire(self, adapter_id: str) -> str:
         """Count an accepted request and return the registration key its sequence carries.
 
-        NOT_FOUND if the adapter is not (or no longer) registered.
+        NOT_FOUND if the adapter is not (or no longer) registered and no repository has it.
         """
+        self.load_from_repo(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
             entry.references += 1

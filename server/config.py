@@ -64,6 +64,8 @@ class AdapterConfig:
     """Adapters kept converted in host memory (LRU beyond this)."""
     adapter_root: Path | None = None
     """If set, adapter sources must resolve inside this directory."""
+    adapter_repo: Path | None = None
+    """If set, an unregistered adapter id is registered on first use from `<adapter_repo>/<id>/`."""
     allow_pickle: bool = False
     """Accept pickled adapter_model.bin files (arbitrary code on load: off by default)."""
 
@@ -77,8 +79,9 @@ class AdapterConfig:
                 f"max_host_adapters ({self.max_host_adapters}) must be >= max_device_adapters "
                 f"({self.max_device_adapters}): device slots are filled from host memory"
             )
-        if self.adapter_root is not None:
-            object.__setattr__(self, "adapter_root", Path(self.adapter_root).resolve())
+        for name in ("adapter_root", "adapter_repo"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).resolve())
 
 
 @dataclass(frozen=True)

@@ -435,6 +435,9 @@ class AsyncEngine:
         """Outputs of `request` as they are produced; closing the iterator early aborts it."""
         if self._draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
+        if request.adapter_id and self.engine.store.would_load_from_repo(request.adapter_id):
+            # first use of a repository adapter: reading and validating its files is no work for the loop
+            await asyncio.to_thread(self.engine.store.load_from_repo, request.adapter_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.engine.add_request(request, lambda output: loop.call_soon_threadsafe(queue.put_nowait, output))
