@@ -1,4 +1,5 @@
-"""The client side of the CLI: `loraplex generate` and `loraplex adapters register|unregister|list|get`.
+"""The client side of the CLI: `loraplex generate`, `loraplex adapters register|unregister|list|get`
+and `loraplex health` (a container health check).
 
 Both talk to a running server (`--server`, default $LORAPLEX_SERVER or 127.0.0.1:50051). A failed
 call prints `loraplex COMMAND: error: STATUS: message` and exits 2 (the CLI's UserError path).
@@ -152,3 +153,33 @@ def format_adapters(adapters) -> str:
                      f"{a.size_bytes / 1e6:.2f} MB", ",".join(a.target_modules), a.source))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+
+
+# ---------------------------------------------------------------------- health
+def add_health_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "health",
+        help="check a server's grpc.health.v1 status (exit 0 when SERVING), e.g. as a container health check",
+        description="Ask a running server's standard gRPC health service for the status of a service "
+        "('' = the whole server). Prints the status; exits 0 if it is SERVING, 1 otherwise (loading, "
+        "draining, unreachable).",
+    )
+    parser.add_argument("--service", default="", metavar="NAME",
+                        help="service to check, e.g. loraplex.v1.Generator (default '': the whole server)")
+    _connection_options(parser)
+    parser.set_defaults(func=run_health)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    with _client(args) as client:
+        try:
+            response = client.health.Check(health_pb2.HealthCheckRequest(service=args.service),
+                                           timeout=args.timeout or 5.0)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        except grpc.RpcError as error:
+            status = f"{error.code().name}: {error.details()}"
+    print(status)
+    return 0 if status == "SERVING" else 1

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(subparsers)
     client_cli.add_generate_parser(subparsers)
     client_cli.add_adapters_parser(subparsers)
+    client_cli.add_health_parser(subparsers)
     demo_model.add_parser(subparsers)
     train_cli.add_parser(subparsers)
     return parser
