@@ -74,8 +74,13 @@ def _ia3(config: TrainConfig, model: Any, total_steps: int) -> Any:
 
     targets = target_modules(config, model)
     if config.feedforward_modules is not None:
-        _check_names(model, config.feedforward_modules, "--feedforward-modules")
         feedforward = list(config.feedforward_modules)
+        outside = [name for name in feedforward if name not in targets]
+        if outside:  # peft requires feedforward_modules to be a subset of target_modules
+            raise UserError(
+                f"--feedforward-modules {','.join(outside)} must be among the adapted layers "
+                f"({', '.join(targets)}); add it to --target-modules"
+            )
     else:
         feedforward = [name for name in mlp_down_projections(model) if name in targets]
     return IA3Config(task_type=TASK_TYPE, target_modules=targets, feedforward_modules=feedforward)

@@ -225,7 +225,8 @@ def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": device}
+        # bitsandbytes quantizes while placing the weights, so the device is chosen at load time.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # ours is the only progress bar
     try:
@@ -242,13 +243,20 @@ def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
         # it would need use_cache handling).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if device.type == "cpu":
-            for module in model.modules():
-                # bitsandbytes 0.50's packed CPU kernel (taken in eval mode without grad) asserts
-                # out_features % 32 == 0 instead of falling back; keep the generic path elsewhere.
-                if hasattr(module, "support_avx512bf16_for_cpu") and module.out_features % 32:
-                    module.support_avx512bf16_for_cpu = False
+            _keep_bnb_off_packed_cpu_path_where_it_fails(model)
         return model, "nf4"
     return model, str(dtype).removeprefix("torch.")
+
+
+def _keep_bnb_off_packed_cpu_path_where_it_fails(model: Any) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for an avx512-bf16 CPU kernel in eval mode without
+    grad, and fails (instead of falling back) unless out_features % 32 == 0 and in_features is a
+    multiple of the quantization block; such layers keep the generic path."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if hasattr(module, "support_avx512bf16_for_cpu") and state is not None:
+            if module.out_features % 32 or module.in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
 
 
 def _lm_loss(logits: Any, labels: Any) -> tuple[Any, int]:

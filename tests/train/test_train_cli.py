@@ -214,6 +214,14 @@ def test_unknown_target_module(method, capsys, base_args):
     )
 
 
+def test_ia3_feedforward_module_not_adapted(capsys, base_args):
+    assert_user_error(
+        capsys,
+        [*base_args, "--method", "ia3", "--feedforward-modules", "lm_head"],
+        "--feedforward-modules lm_head must be among the adapted layers (q_proj, k_proj",
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(capsys, base_args):
     assert_user_error(capsys, [*base_args, "--method", "lora", "--device", "cuda"], "--device cuda, but no CUDA device is available")

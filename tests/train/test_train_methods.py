@@ -52,13 +52,14 @@ def test_training_lowers_loss_and_adapter_loads(method, demo_model_dir, shared_p
             data=shared_pairs_file,
             eval_data=shared_pairs_file,
             out=out,
-            max_steps=30,
+            max_steps=15,
             batch_size=4,
             quiet=True,
         )
     )
 
-    assert summary.steps == 30 and summary.epochs == 30
+    assert summary.steps == 15 and summary.epochs == 15
+    # With the default learning rates every method gains 0.75 nats or more in these 15 steps.
     assert summary.eval_loss < summary.eval_loss_initial - 0.3, summary
     assert summary.train_loss_last < summary.train_loss_first - 0.3, summary
     assert 0 < summary.trainable_params < summary.total_params
@@ -73,7 +74,10 @@ def test_training_lowers_loss_and_adapter_loads(method, demo_model_dir, shared_p
     if method == "ia3":
         assert adapter_config["feedforward_modules"] == ["down_proj"]
     if method == "adalora":
-        assert adapter_config["total_step"] == 30
+        # update_and_allocate ran: the rank budget was cut from init_r=12 to target_r=8 per module.
+        assert adapter_config["total_step"] == 15
+        kept = adapter_config["rank_pattern"]
+        assert len(kept) == 4 * len(LLAMA_LINEARS) and sum(map(sum, kept.values())) == 8 * len(kept)
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     prompt = torch.tensor([tokenizer("Q: Where do fish live?\nA:")["input_ids"]])
