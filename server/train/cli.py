@@ -46,7 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     required.add_argument("--out", required=True, type=Path, metavar="DIR", help="adapter output directory")
 
     lora = parser.add_argument_group("LoRA family (lora, qlora, dora, adalora) and IA3")
-    lora.add_argument("--rank", "-r", type=int, metavar="R", help=f"LoRA rank (lora, qlora, dora; default {DEFAULT_RANK})")
+    lora.add_argument(
+        "--rank", "-r", type=int, metavar="R", help=f"LoRA rank (lora, qlora, dora; default {DEFAULT_RANK})"
+    )
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank) (rank-stabilised LoRA)")
     lora.add_argument("--dropout", type=float, help=f"dropout on the LoRA input (default {DEFAULT_DROPOUT})")
@@ -58,8 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--feedforward-modules", type=split_names, metavar="NAMES",
         help="IA3: layers whose input is scaled (default: the MLP down projections)",
     )
-    lora.add_argument("--adalora-init-r", type=int, metavar="R", help=f"AdaLoRA starting rank (default {DEFAULT_ADALORA_INIT_R})")
-    lora.add_argument("--adalora-target-r", type=int, metavar="R", help=f"AdaLoRA average final rank (default {DEFAULT_ADALORA_TARGET_R})")
+    lora.add_argument(
+        "--adalora-init-r", type=int, metavar="R", help=f"AdaLoRA starting rank (default {DEFAULT_ADALORA_INIT_R})"
+    )
+    lora.add_argument(
+        "--adalora-target-r", type=int, metavar="R",
+        help=f"AdaLoRA average final rank (default {DEFAULT_ADALORA_TARGET_R})",
+    )
 
     prompt = parser.add_argument_group("prompt learning (prefix, prompt, p-tuning)")
     prompt.add_argument(
@@ -74,7 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per step (default 8)")
     loop.add_argument("--max-length", type=int, default=512, metavar="N", help="tokens per example (default 512)")
     loop.add_argument("--seed", type=int, default=0, help="seed for initialisation, dropout and data order (default 0)")
-    loop.add_argument("--eval-data", type=Path, metavar="FILE", help="held-out data; its loss is reported before and after")
+    loop.add_argument(
+        "--eval-data", type=Path, metavar="FILE", help="held-out data; its loss is reported before and after"
+    )
     loop.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
     loop.add_argument("--overwrite", action="store_true", help="replace the adapter in a non-empty --out")
     loop.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

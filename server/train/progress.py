@@ -24,6 +24,7 @@ class Progress:
         self.recent: deque[float] = deque(maxlen=_RUNNING)
         self.start = time.perf_counter()
         self.last_milestone = -1
+        self.width = 0  # of the line on screen, to blank out leftovers of a longer one
 
     def update(self, step: int, epoch: int, loss: float) -> None:
         """After optimizer step `step` (1-based) of epoch `epoch` (1-based)."""
@@ -42,7 +43,8 @@ class Progress:
             f"loss {sum(self.recent) / len(self.recent):.4f} {step / max(elapsed, 1e-9):.1f} steps/s"
         )
         if self.interactive:
-            self.stream.write("\r" + line)
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()

@@ -187,7 +187,9 @@ def _check_paths(config: TrainConfig) -> None:
     if out.exists() and out.resolve() == model.resolve():
         raise UserError("--out is the model directory; write the adapter to a directory of its own")
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise UserError(f"output directory {out} exists and is not empty; pass --overwrite to replace the adapter in it")
+        raise UserError(
+            f"output directory {out} exists and is not empty; pass --overwrite to replace the adapter in it"
+        )
 
 
 def _pick_device(choice: str) -> Any:

@@ -105,12 +105,25 @@ def test_out_is_the_model_dir(capsys, base_args, demo_model_dir):
 
 # Malformed data: the file, the line and what is wrong.
 
+# case: (lines of the file, message after "<file>")
 BAD_DATA = {
-    "not_json": (['{"prompt": "a", "completion": "b"}', '{"prompt": "a" "completion": "b"}'], ":2: not valid JSON: Expecting ',' delimiter at column 16"),
+    "not_json": (
+        ['{"prompt": "a", "completion": "b"}', '{"prompt": "a" "completion": "b"}'],
+        ":2: not valid JSON: Expecting ',' delimiter at column 16",
+    ),
     "not_object": (['["prompt", "completion"]'], ":1: expected a JSON object, got an array"),
-    "no_schema": (['{"prompt": "a", "completion": "b"}', "", '{"question": "a", "answer": "b"}'], ':3: expected {"prompt": ..., "completion": ...} or {"text": ...}, got keys: "question", "answer"'),
-    "mixed_in_line": (['{"prompt": "a", "completion": "b", "text": "c"}'], ':1: mixes "text" with "prompt"/"completion"'),
-    "mixed_in_file": (['{"text": "a b c"}', '{"prompt": "a", "completion": "b"}'], ':2: a {"prompt", "completion"} example, but line 1 is {"text"}; use one schema per file'),
+    "no_schema": (
+        ['{"prompt": "a", "completion": "b"}', "", '{"question": "a", "answer": "b"}'],
+        ':3: expected {"prompt": ..., "completion": ...} or {"text": ...}, got keys: "question", "answer"',
+    ),
+    "mixed_in_line": (
+        ['{"prompt": "a", "completion": "b", "text": "c"}'],
+        ':1: mixes "text" with "prompt"/"completion"',
+    ),
+    "mixed_in_file": (
+        ['{"text": "a b c"}', '{"prompt": "a", "completion": "b"}'],
+        ':2: a {"prompt", "completion"} example, but line 1 is {"text"}; use one schema per file',
+    ),
     "no_completion": (['{"prompt": "a"}'], ':1: has no "completion"'),
     "not_string": (['{"prompt": "a", "completion": 3}'], ':1: "completion" must be a string, got a number'),
     "empty_completion": (['{"prompt": "a", "completion": ""}'], ':1: "completion" is empty'),
@@ -154,7 +167,9 @@ def test_empty_dataset(content, capsys, base_args, tmp_path):
 def test_prompt_longer_than_max_length(capsys, base_args, tmp_path):
     args = [*base_args, "--method", "lora", "--max-length", 4]
     args[3] = write_jsonl(tmp_path / "long.jsonl", PAIRS[:1])
-    assert_user_error(capsys, args, f"{args[3]}:1: the prompt is", "tokens, which leaves no room for the completion within --max-length 4")
+    assert_user_error(
+        capsys, args, f"{args[3]}:1: the prompt is", "tokens, which leaves no room for the completion within --max-length 4"
+    )
 
 
 # Options that do not fit the method, and bad values.
@@ -194,8 +209,16 @@ BAD_VALUES = [
     ("lora", ["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     ("lora", ["--target-modules", ","], "--target-modules needs at least one layer name"),
     ("prompt", ["--num-virtual-tokens", "0"], "--num-virtual-tokens must be a positive integer, got 0"),
-    ("adalora", ["--adalora-init-r", "4", "--adalora-target-r", "6"], "--adalora-target-r (6) must not exceed --adalora-init-r (4)"),
-    ("ia3", ["--target-modules", "q_proj", "--feedforward-modules", "down_proj"], "--feedforward-modules down_proj must also be in --target-modules"),
+    (
+        "adalora",
+        ["--adalora-init-r", "4", "--adalora-target-r", "6"],
+        "--adalora-target-r (6) must not exceed --adalora-init-r (4)",
+    ),
+    (
+        "ia3",
+        ["--target-modules", "q_proj", "--feedforward-modules", "down_proj"],
+        "--feedforward-modules down_proj must also be in --target-modules",
+    ),
 ]
 
 
@@ -224,7 +247,8 @@ def test_ia3_feedforward_module_not_adapted(capsys, base_args):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(capsys, base_args):
-    assert_user_error(capsys, [*base_args, "--method", "lora", "--device", "cuda"], "--device cuda, but no CUDA device is available")
+    args = [*base_args, "--method", "lora", "--device", "cuda"]
+    assert_user_error(capsys, args, "--device cuda, but no CUDA device is available")
 
 
 def test_argparse_rejects_unknown_method_and_non_numbers(capsys, base_args):

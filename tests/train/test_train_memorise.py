@@ -8,7 +8,6 @@ Greedy decoding recomputes the whole sequence through PeftModel's forward at eve
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.server.train import TrainConfig, train
 from loraplex.server.train.greedy import greedy_complete
@@ -34,13 +33,14 @@ def test_adapter_completes_training_prompts(method, demo_model_dir, pairs_file, 
     from transformers import AutoTokenizer
 
     out = tmp_path / "adapter"
-    train(TrainConfig(model=demo_model_dir, method=method, data=pairs_file, out=out, batch_size=4, quiet=True, **RUNS[method]))
+    config = TrainConfig(model=demo_model_dir, method=method, data=pairs_file, out=out, batch_size=4, quiet=True, **RUNS[method])
+    train(config)
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     base = load_base(demo_model_dir, method)
     # One token more than the completion and its EOS would take: enough to tell "not the completion".
     base_answers = [
-        greedy_complete(base, tokenizer, pair["prompt"], max_new_tokens=len(tokenizer(pair["completion"])["input_ids"]) + 2)
+        greedy_complete(base, tokenizer, pair["prompt"], len(tokenizer(pair["completion"])["input_ids"]) + 2)
         for pair in PAIRS
     ]
     adapted = PeftModel.from_pretrained(base, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from loraplex.server.errors import UserError
 from loraplex.server.train import TrainConfig, train
 from loraplex.server.train.data import IGNORE_INDEX, Example, collate, encode, encode_prompt, load_examples
+from loraplex.server.train.progress import Progress
 
 from .conftest import write_jsonl
 
@@ -103,8 +105,8 @@ def test_same_seed_same_adapter_other_seed_other_adapter(demo_model_dir, tmp_pat
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "Fish live in the sea."}, {"text": "The sky is blue."}])
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        config = TrainConfig(model=demo_model_dir, method="lora", data=data, out=tmp_path / name, max_steps=3, batch_size=1, seed=seed, quiet=True)
-        train(config)
+        out = tmp_path / name
+        train(TrainConfig(model=demo_model_dir, method="lora", data=data, out=out, max_steps=3, batch_size=1, seed=seed, quiet=True))
         runs[name] = _adapter_tensors(tmp_path / name)
     assert runs["a"].keys() == runs["c"].keys()
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
@@ -116,8 +118,39 @@ def test_rslora_and_rank_reach_the_adapter_config(demo_model_dir, tmp_path):
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "Fish live in the sea."}])
     out = tmp_path / "a"
-    train(TrainConfig(model=demo_model_dir, method="lora", data=data, out=out, max_steps=1, rank=4, alpha=12, rslora=True, target_modules=("q_proj", "v_proj"), quiet=True))
+    options = {"rank": 4, "alpha": 12, "rslora": True, "target_modules": ("q_proj", "v_proj")}
+    train(TrainConfig(model=demo_model_dir, method="lora", data=data, out=out, max_steps=1, quiet=True, **options))
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 12, True)
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert _adapter_tensors(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 4
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_prints_tenths_elsewhere():
+    terminal = _Terminal()
+    bar = Progress(50, stream=terminal)
+    for step in range(1, 51):
+        bar.update(step, 1, 2.0 - step / 100)
+    bar.close()
+    text = terminal.getvalue()
+    assert text.count("\r") == 50 and text.endswith("\n") and text.count("\n") == 1
+    assert "50/50 epoch 1 loss 1.5450" in text  # running mean of the last 10 losses
+
+    log = io.StringIO()
+    bar = Progress(50, stream=log)
+    for step in range(1, 51):
+        bar.update(step, 1, 1.0)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1].startswith("train [########################] 50/50")
+
+    silent = io.StringIO()
+    bar = Progress(50, enabled=False, stream=silent)
+    bar.update(1, 1, 1.0)
+    bar.close()
+    assert silent.getvalue() == ""
