@@ -245,20 +245,20 @@ def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
         # it would need use_cache handling).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if device.type == "cpu":
-            _keep_bnb_off_packed_cpu_path_where_it_fails(model)
+            _keep_bnb_off_packed_cpu_path(model)
         return model, "nf4"
     return model, str(dtype).removeprefix("torch.")
 
 
-def _keep_bnb_off_packed_cpu_path_where_it_fails(model: Any) -> None:
-    """bitsandbytes 0.50 repacks 4-bit weights for an avx512-bf16 CPU kernel in eval mode without
-    grad, and fails (instead of falling back) unless out_features % 32 == 0 and in_features is a
-    multiple of the quantization block; such layers keep the generic path."""
+def _keep_bnb_off_packed_cpu_path(model: Any) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for an avx512-bf16 CPU kernel the first time a layer
+    runs in eval mode without grad (our eval pass), and keeps them packed: that kernel has no
+    autograd, so later training steps would backpropagate through it wrongly (torch warns "an
+    autograd kernel was not registered"), and it fails outright unless out_features % 32 == 0 and
+    in_features is a multiple of the quantization block. Training keeps the generic path."""
     for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if hasattr(module, "support_avx512bf16_for_cpu") and state is not None:
-            if module.out_features % 32 or module.in_features % state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _lm_loss(logits: Any, labels: Any) -> tuple[Any, int]:

@@ -4,6 +4,7 @@ changes the base model's output, and reproduces the trained model's loss exactly
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -45,18 +46,22 @@ def test_training_lowers_loss_and_adapter_loads(method, demo_model_dir, shared_p
     from transformers import AutoTokenizer
 
     out = tmp_path / "adapter"
-    summary = train(
-        TrainConfig(
-            model=demo_model_dir,
-            method=method,
-            data=shared_pairs_file,
-            eval_data=shared_pairs_file,
-            out=out,
-            max_steps=15,
-            batch_size=4,
-            quiet=True,
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(
+            TrainConfig(
+                model=demo_model_dir,
+                method=method,
+                data=shared_pairs_file,
+                eval_data=shared_pairs_file,  # evaluated before training too, in eval mode
+                out=out,
+                max_steps=15,
+                batch_size=4,
+                quiet=True,
+            )
         )
-    )
+    # bitsandbytes' packed CPU kernel (chosen in eval mode) has no autograd; training must not use it.
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
 
     assert summary.steps == 15 and summary.epochs == 15
     # With the default learning rates every method gains 0.75 nats or more in these 15 steps.
@@ -92,4 +97,6 @@ def test_training_lowers_loss_and_adapter_loads(method, demo_model_dir, shared_p
     # The files hold exactly what was trained: the loaded adapter's loss is the summary's.
     eval_set = encode(load_examples(shared_pairs_file), tokenizer, 512)
     reloaded_loss = evaluate_loss(adapted, eval_set, 4, tokenizer.pad_token_id, torch.device("cpu"))
-    assert reloaded_loss == pytest.approx(summary.eval_loss, rel=1e-4)
+    # (For qlora, a freshly loaded 4-bit base runs bitsandbytes' packed CPU kernel in eval mode, which
+    # training keeps off; the two agree to about 5e-5.)
+    assert reloaded_loss == pytest.approx(summary.eval_loss, rel=1e-3 if method == "qlora" else 1e-4)
