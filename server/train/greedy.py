@@ -13,30 +13,36 @@ from typing import Any
 from loraplex.server.train.data import encode_prompt
 
 
-def greedy_tokens(model: Any, input_ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-    """New token ids, argmax at each step, ending with EOS if it was produced. Puts `model` in eval mode."""
+def greedy_decode(model: Any, input_ids: list[int], max_new_tokens: int,
+                  eos_token_id: int | None) -> tuple[list[int], list[float]]:
+    """New token ids (argmax at each step, ending with EOS if it was produced) and their logprobs.
+
+    Puts `model` in eval mode.
+    """
     import torch
 
     model.eval()
     device = next(model.parameters()).device
     sequence = list(input_ids)
-    new: list[int] = []
+    tokens: list[int] = []
+    logprobs: list[float] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             ids = torch.tensor([sequence], device=device)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            token = int(logits[0, -1].argmax())
-            new.append(token)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1].float()
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
             sequence.append(token)
             if token == eos_token_id:
                 break
-    return new
+    return tokens, logprobs
 
 
 def greedy_complete(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> tuple[str, bool]:
     """(completion text without the EOS, whether the model stopped with EOS) for `prompt`."""
     eos = tokenizer.eos_token_id
-    new = greedy_tokens(model, encode_prompt(tokenizer, prompt), max_new_tokens, eos)
+    new, _ = greedy_decode(model, encode_prompt(tokenizer, prompt), max_new_tokens, eos)
     stopped = bool(new) and new[-1] == eos
     if stopped:
         new = new[:-1]

@@ -11,6 +11,7 @@ from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, Mod
 from loraplex.server.model_runner import keep_4bit_compute_dtype
 from loraplex.server.engine import GenerationRequest, LLMEngine, RequestOutput
 from loraplex.server.sampling import SamplingParams
+from loraplex.server.train.greedy import greedy_decode
 
 PROMPTS = [
     "Q: Where do fish live?\nA:",
@@ -54,22 +55,9 @@ def load_peft(base_dir: Path, adapter_dir: Path | None, quantization: str = "non
     return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir)
 
 
-@torch.no_grad()
-def oracle(model, prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> tuple[list[int], list[float]]:
-    """Greedy decoding through the model's forward, recomputing the whole sequence each step (no cache):
-    the reference for every adapter type. Returns the new tokens and their logprobs."""
-    model.eval()
-    sequence, tokens, logprobs = list(prompt_ids), [], []
-    for _ in range(max_new_tokens):
-        ids = torch.tensor([sequence])
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1].float()
-        token = int(logits.argmax())
-        tokens.append(token)
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        sequence.append(token)
-        if token == eos:
-            break
-    return tokens, logprobs
+# The reference for every adapter type: greedy decoding through the model's forward, the whole
+# sequence recomputed each step (no cache). Returns the new tokens and their logprobs.
+oracle = greedy_decode
 
 
 @dataclass

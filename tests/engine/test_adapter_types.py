@@ -66,7 +66,7 @@ def _expected(base_dir, adapters, tokenizer, prompts, quantization="none"):
     for name in [None, *adapters]:
         model = load_peft(base_dir, adapters[name] if name else None, quantization)
         for p in prompts:
-            expected[(name, p)] = oracle(model, tokenizer.encode(PROMPTS[p]), MAX_NEW, eos=None)
+            expected[(name, p)] = oracle(model, tokenizer.encode(PROMPTS[p]), MAX_NEW, None)
     return expected
 
 

@@ -35,7 +35,7 @@ def _expected(base_dir, adapters, tokenizer, quantization="none"):
         model = load_peft(base_dir, adapters[name] if name else None, quantization)
         for p, prompt in enumerate(PROMPTS):
             ids = tokenizer.encode(prompt)
-            expected[(name, p)] = oracle(model, ids, MAX_NEW, eos=None)
+            expected[(name, p)] = oracle(model, ids, MAX_NEW, None)
     return expected
 
 
@@ -87,7 +87,7 @@ def test_other_architectures_match_peft(demo_model_factory, tmp_path, arch):
     for name in [None, *adapters]:
         model = load_peft(base_dir, adapters[name] if name else None)
         for p in (0, 2):
-            expected[(name, p)] = oracle(model, engine.tokenizer.encode(PROMPTS[p]), MAX_NEW, eos=None)
+            expected[(name, p)] = oracle(model, engine.tokenizer.encode(PROMPTS[p]), MAX_NEW, None)
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
     results = {key: submit(engine, f"{key[0]}-{key[1]}", PROMPTS[key[1]], adapter=key[0], max_new_tokens=MAX_NEW,
