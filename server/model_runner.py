@@ -19,6 +19,7 @@ from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig
 from loraplex.server.errors import UserError
 from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
+from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class StepInput:
 
 def load_base_model(config: EngineConfig):
     """The base model and tokenizer from a local directory, quantized as configured."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_config = config.model
     path = model_config.path
@@ -64,16 +65,8 @@ def load_base_model(config: EngineConfig):
         raise UserError(f"model directory {path} has no config.json (expected a Hugging Face model directory)")
     dtype = DTYPES[model_config.dtype]
     kwargs: dict = {"dtype": dtype}
-    if model_config.quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        kwargs["device_map"] = {"": model_config.device}
-    elif model_config.quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if model_config.quantization != "none":
+        kwargs["quantization_config"] = bnb_config(model_config.quantization, dtype)
         kwargs["device_map"] = {"": model_config.device}
     hf_config = AutoConfig.from_pretrained(path)
     if getattr(hf_config, "is_encoder_decoder", False):
@@ -81,24 +74,11 @@ def load_base_model(config: EngineConfig):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model_config.quantization == "none":
         model.to(model_config.device)
-    keep_4bit_compute_dtype(model, dtype)
+    if dtype != torch.bfloat16:  # compute in the configured dtype, not bitsandbytes' bfloat16 CPU path
+        keep_bnb_off_packed_cpu_path(model)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
-
-
-def keep_4bit_compute_dtype(model, dtype: torch.dtype) -> None:
-    """Make bitsandbytes' 4-bit layers on CPU compute in `dtype`, as configured.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first inference call and then
-    multiplies in bfloat16 whatever the compute dtype; a float32 server would then round activations
-    to bfloat16 in every projection (and disagree with itself across batch layouts by bf16 ulps).
-    """
-    if dtype == torch.bfloat16:
-        return
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 class ModelRunner:

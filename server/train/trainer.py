@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.server.errors import UserError
+from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 from loraplex.server.train import data, methods
 from loraplex.server.train.config import TrainConfig
 from loraplex.server.train.progress import Progress
@@ -214,19 +215,14 @@ def _load_tokenizer(model_dir: Path) -> Any:
 def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
     """The base model, frozen: float32 on CPU, bfloat16 on CUDA; NF4 with double quant for qlora."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     on_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
     if config.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = bnb_config("nf4", dtype)
         # bitsandbytes quantizes while placing the weights, so the device is chosen at load time.
         kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
     bar_was_on = hf_logging.is_progress_bar_enabled()
@@ -245,20 +241,9 @@ def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
         # it would need use_cache handling).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if device.type == "cpu":
-            _keep_bnb_off_packed_cpu_path(model)
+            keep_bnb_off_packed_cpu_path(model)  # its packed kernel has no autograd
         return model, "nf4"
     return model, str(dtype).removeprefix("torch.")
-
-
-def _keep_bnb_off_packed_cpu_path(model: Any) -> None:
-    """bitsandbytes 0.50 repacks 4-bit weights for an avx512-bf16 CPU kernel the first time a layer
-    runs in eval mode without grad (our eval pass), and keeps them packed: that kernel has no
-    autograd, so later training steps would backpropagate through it wrongly (torch warns "an
-    autograd kernel was not registered"), and it fails outright unless out_features % 32 == 0 and
-    in_features is a multiple of the quantization block. Training keeps the generic path."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _lm_loss(logits: Any, labels: Any) -> tuple[Any, int]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-from loraplex.server.model_runner import keep_4bit_compute_dtype
 from loraplex.server.engine import GenerationRequest, LLMEngine, RequestOutput
+from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 from loraplex.server.sampling import SamplingParams
 from loraplex.server.train.greedy import greedy_decode
 
@@ -41,17 +41,14 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -
 
 def load_peft(base_dir: Path, adapter_dir: Path | None, quantization: str = "none"):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, torch.float32)
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    keep_4bit_compute_dtype(model, torch.float32)  # as the server does: float32 means float32
+    keep_bnb_off_packed_cpu_path(model)  # as the server does: float32 means float32
     return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir)
 
 

@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+from loraplex.server.quantization import bnb_config
+
 from loraplex.server.train import METHODS, TrainConfig, train
 from loraplex.server.train.data import encode, load_examples
 from loraplex.server.train.trainer import SUMMARY_FILE, evaluate_loss
@@ -27,17 +29,12 @@ PEFT_TYPE = {
 
 
 def load_base(model_dir, method):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     if method != "qlora":
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, device_map={"": "cpu"})
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config("nf4", torch.float32),
+                                                device_map={"": "cpu"})
 
 
 @pytest.mark.parametrize("method", METHODS)

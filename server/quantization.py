@@ -1,0 +1,35 @@
+"""bitsandbytes quantization of the base model, as the server, the trainer and the tests load it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def bnb_config(quantization: str, compute_dtype: Any):
+    """The `BitsAndBytesConfig` for "nf4" (4-bit NormalFloat with double quant, as QLoRA) or "int8"."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def keep_bnb_off_packed_cpu_path(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit layers on its generic path on CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights the first time a layer runs in
+    eval mode without grad, and keeps them packed. That kernel multiplies in bfloat16 whatever the
+    compute dtype (a float32 server would round every projection's input to bfloat16, and disagree
+    with itself across batch layouts), has no autograd (training steps after an eval pass would
+    backpropagate through it wrongly), and fails unless out_features % 32 == 0.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
