@@ -30,7 +30,7 @@ from typing import Callable
 
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
-from loraplex.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraplex.server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 

@@ -4,21 +4,16 @@ real `loraplex serve` process serving an adapter repository."""
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
 import shlex
 import shutil
-import subprocess
-import sys
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.servers import start_server
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-LISTENING = re.compile(r"listening on (\S+) metrics on (\S+)")
 ADMIN_TOKEN = "deploy-admin-token"
 
 
@@ -142,56 +137,6 @@ def alert_expressions() -> list[str]:
 
 
 # ---------------------------------------------------------------------- a live server
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    address: str
-    metrics_url: str
-    repo: Path
-    lines: list[str] = field(default_factory=list)
-
-    def client(self, **kwargs):
-        from loraplex.clients import Client
-
-        return Client(self.address, timeout=60, **kwargs)
-
-    def stop(self) -> None:
-        """At once: the drain on SIGTERM has tests of its own (tests/e2e)."""
-        self.process.kill()
-        self.process.wait(timeout=30)
-
-
-def start_server(model_dir: Path, *args: str, timeout: float = 150.0) -> tuple[subprocess.Popen, str, str, list[str]]:
-    """`loraplex serve --port 0 --metrics-port 0 ...`; returns once its health service reports SERVING."""
-    from loraplex.clients import Client
-
-    command = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model_dir),
-               "--port", "0", "--metrics-port", "0", "--device", "cpu", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    first: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            if LISTENING.search(line):
-                first.put(line)
-        first.put("")  # the process ended
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        match = LISTENING.search(first.get(timeout=timeout))
-        assert match, f"the server exited before listening:\n{''.join(lines)}"
-        with Client(match.group(1)) as client:
-            client.wait_until_serving(timeout=timeout)
-        return process, match.group(1), match.group(2), lines
-    except BaseException:
-        process.kill()
-        process.wait(timeout=10)
-        raise
-
-
 @pytest.fixture(scope="session")
 def repo_layout(demo_model_dir, tmp_path_factory) -> Path:
     """<tmp>/repo: alpha, beta, gamma (one LoRA adapter, copied), broken (not an adapter), escape (a
@@ -215,10 +160,9 @@ def repo_layout(demo_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_server(demo_model_dir, repo_layout):
     """`loraplex serve --adapter-repo REPO --adapter-root REPO --admin-token ...` with nothing registered."""
-    process, address, metrics_url, lines = start_server(
+    server = start_server(
         demo_model_dir, "--adapter-repo", str(repo_layout), "--adapter-root", str(repo_layout),
-        "--admin-token", ADMIN_TOKEN, "--kv-cache-tokens", "1024", "--max-rank", "16",
+        "--admin-token", ADMIN_TOKEN, "--kv-cache-tokens", "1024", "--max-rank", "16", startup_timeout=150.0,
     )
-    server = ServerProcess(process, address, metrics_url, repo_layout, lines)
     yield server
     server.stop()

@@ -134,7 +134,7 @@ def test_repo_adapter_errors_have_their_status(engine, repo_layout):
 
 
 # ---------------------------------------------------------------------- through the server
-def test_server_serves_an_unregistered_repo_adapter(repo_server):
+def test_server_serves_an_unregistered_repo_adapter(repo_server, repo_layout):
     with repo_server.client(admin_token=ADMIN_TOKEN) as admin:
         assert "alpha" not in {a.adapter_id for a in admin.list_adapters()}
     with repo_server.client() as client:
@@ -144,11 +144,11 @@ def test_server_serves_an_unregistered_repo_adapter(repo_server):
     assert result.token_ids != base.token_ids, "the repository adapter did not change the output"
     with repo_server.client(admin_token=ADMIN_TOKEN) as admin:
         info = admin.get_adapter("alpha")
-    assert info.source == str(repo_server.repo / "alpha")
+    assert info.source == str(repo_layout / "alpha")
 
 
-def test_server_refuses_ids_that_escape_the_repository(repo_server):
-    outside = repo_server.repo.parent / "x"
+def test_server_refuses_ids_that_escape_the_repository(repo_server, repo_layout):
+    outside = repo_layout.parent / "x"
     with repo_server.client() as client:
         for bad in ("../x", str(outside)):
             with pytest.raises(clients.InvalidArgument, match="adapter id"):
@@ -174,12 +174,12 @@ def test_server_concurrent_first_requests_all_succeed(repo_server):
         assert [a.adapter_id for a in admin.list_adapters()].count("beta") == 1
 
 
-def test_explicit_register_and_unregister_keep_working(repo_server):
+def test_explicit_register_and_unregister_keep_working(repo_server, repo_layout):
     with repo_server.client(admin_token=ADMIN_TOKEN) as admin, repo_server.client() as client:
         want = client.generate(PROMPTS[2], adapter="alpha", max_new_tokens=6, ignore_eos=True).token_ids
         # an explicit registration wins over the repository directory of the same name
         admin.register_adapter("gamma", "alpha")  # relative to --adapter-root
-        assert admin.get_adapter("gamma").source == str(repo_server.repo / "alpha")
+        assert admin.get_adapter("gamma").source == str(repo_layout / "alpha")
         assert client.generate(PROMPTS[2], adapter="gamma", max_new_tokens=6, ignore_eos=True).token_ids == want
         with pytest.raises(clients.AlreadyExists):
             admin.register_adapter("alpha", "beta")
@@ -187,4 +187,4 @@ def test_explicit_register_and_unregister_keep_working(repo_server):
         admin.unregister_adapter("alpha")
         assert "alpha" not in {a.adapter_id for a in admin.list_adapters()}
         assert client.generate(PROMPTS[2], adapter="alpha", max_new_tokens=6, ignore_eos=True).token_ids == want
-        assert admin.get_adapter("alpha").source == str(repo_server.repo / "alpha")
+        assert admin.get_adapter("alpha").source == str(repo_layout / "alpha")

@@ -13,7 +13,8 @@ import pytest
 from loraplex import clients
 from loraplex.clients import AsyncClient
 from tests.api.helpers import scrape
-from tests.e2e.conftest import ADMIN_TOKEN, start_server
+from tests.e2e.conftest import ADMIN_TOKEN
+from tests.servers import start_server
 from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 
 ADAPTERS = ("pirate", "shout")
