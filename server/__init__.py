@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from loraplex.server import quantization  # noqa: F401  (quiets a bitsandbytes import-time warning)
+
 try:
     __version__ = version("loraplex")
 except PackageNotFoundError:  # running from a source tree that was never installed

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# bitsandbytes warns at import, on AVX512-BF16 CPUs, that the optional `kernels` package for its packed
+# 4-bit CPU path is missing; loraplex keeps 4-bit layers off that path (below), so it is not news.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def bnb_config(quantization: str, compute_dtype: Any):
