@@ -192,3 +192,19 @@ def test_a_bad_startup_adapter_stops_the_start(demo_model_dir, tmp_path):
             thread.start()
     finally:
         thread.stop()
+
+
+def test_message_size_limits(server):
+    from loraplex.server.api.config import MAX_RECEIVE_BYTES
+    from loraplex.v1 import loraplex_pb2 as pb
+    from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+
+    huge = "x" * (MAX_RECEIVE_BYTES + 1)
+    with Client(server.address) as client:  # the client refuses to send it
+        with pytest.raises(clients.ResourceExhausted):
+            client.generate(huge)
+    options = [("grpc.max_send_message_length", 2 * MAX_RECEIVE_BYTES)]
+    with grpc.insecure_channel(server.address, options=options) as channel:  # the server refuses to read it
+        with pytest.raises(grpc.RpcError) as raised:
+            pb_grpc.GeneratorStub(channel).Generate(pb.GenerateRequest(prompt=huge))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
