@@ -12,10 +12,18 @@ Same semantics and argument checks as the Triton launchers (see ``ops``). Two st
 docs/benchmarks.md): the segment loop wins at every size tried, from 1.25x at 16 tokens over 16
 adapters (1-token segments, its weak spot: ~20 µs per segment and slice) to ~200x at 2048-token
 prefill, where gather copies every token's weights.
+
+The segment strategy covers its weak spot by batching: short segments (at most ``BATCH_MAX_LEN``
+tokens) of equal length and equal ranks are run as one ``bmm`` per slice over their slots' weights,
+still sliced to their own rank (a view of the pools when the slots are consecutive, else a gather of
+just those r rows). A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per
+slice instead of 16 matmuls each. The grouping is computed once per (step, ranks, scalings) and
+cached on the ``LoRAMeta``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,6 +32,122 @@ from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_
 from .meta import LoRAMeta
 
 STRATEGY = "segment"
+# Segments up to this long are batched with others of the same length and ranks (decode steps, and
+# prefill chunks of equal length); a longer one runs alone, its matmul's ~20 µs call cost amortized.
+BATCH_MAX_LEN = 512
+
+
+@dataclass
+class _Batch:
+    """Segments of equal length n and equal per-slice ranks, run as one bmm per slice.
+
+    Worked example, contiguous layout: segments (slot, start, len) (3, 0, 1), (4, 1, 1), (7, 2, 1)
+    with rank 16 everywhere give one batch: slots [3, 4, 7], rows [0, 3) as a view (consecutive),
+    weights gathered (3, 4, 7 are not consecutive): ``A[i, :, :16].index_select(0, [3, 4, 7])``.
+    """
+
+    n: int
+    k: int                           # segments
+    ranks: tuple[int, ...]           # per slice, 0: skipped
+    slot0: int                       # slots are slot0 + 0..k-1 when slot_index is None
+    slot_index: torch.Tensor | None  # [k] long, for slots that are not consecutive
+    row0: int                        # rows are [row0, row0 + k·n) when row_index is None
+    row_index: torch.Tensor | None   # [k·n] long token rows, segment by segment
+    scales: tuple                    # per slice: one float, or a [k, 1, 1] fp32 tensor (expand only)
+
+
+@dataclass
+class _Loop:
+    """One segment run with its own matmuls (long, or alone with its length and ranks)."""
+
+    slot: int
+    start: int
+    n: int
+    rows: torch.Tensor | None        # [n] long token rows; None: [start, start + n) (contiguous layout)
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]        # expand only
+
+
+@dataclass
+class _Plan:
+    batches: list[_Batch]
+    looped: list[_Loop]
+
+
+# Plans are kept on the LoRAMeta (as _torch_plans) and reused while the step layout and the pool's
+# ranks/scalings are unchanged (decode steps repeat the same layout); at most this many are kept.
+_PLAN_CACHE_SIZE = 512
+
+
+def _plan(meta: LoRAMeta, ranks: torch.Tensor, scalings: torch.Tensor | None = None) -> _Plan:
+    """The batches and looped segments of this step for one pool's ranks (and scalings).
+
+    Cached on ``meta``. Keys use the tensors' identity and version counter (bumped by every in-place
+    write, e.g. loading an adapter into a slot), so a hit costs no device read; the entry holds the
+    tensors, so their ids cannot be reused while it lives. A contiguous layout is keyed by its
+    segments' content, a permuted one by the segment list of this very update (its order differs).
+    """
+    segments = _segments(meta)
+    layout = (tuple(segments), True) if meta.contiguous else (id(segments), False)
+    key = (layout, id(ranks), ranks._version,
+           None if scalings is None else (id(scalings), scalings._version))
+    cache = meta.__dict__.setdefault("_torch_plans", {})
+    entry = cache.get(key)
+    if entry is None:
+        if len(cache) >= _PLAN_CACHE_SIZE:
+            cache.clear()
+        plan = _build_plan(meta, segments, ranks.tolist(), None if scalings is None else scalings.tolist())
+        entry = cache[key] = (segments, ranks, scalings, plan)
+    return entry[3]
+
+
+def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
+    num_slices = len(ranks_h)
+    device = meta.device
+    order = None if meta.contiguous else meta.order.long()
+
+    def scales_of(slots, rs):
+        if scalings_h is None:
+            return ()
+        out = []
+        for i, r in enumerate(rs):
+            values = [scalings_h[i][slot] for slot in slots]
+            if not r or len(set(values)) == 1:
+                out.append(values[0])
+            else:
+                out.append(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1))
+        return tuple(out)
+
+    groups: dict[tuple, list[tuple[int, int, int]]] = {}
+    singles = []
+    for seg in segments:
+        slot, _, n = seg
+        rs = tuple(ranks_h[i][slot] for i in range(num_slices))
+        if not any(rs):
+            continue
+        if n <= BATCH_MAX_LEN:
+            groups.setdefault((n, rs), []).append(seg)
+        else:
+            singles.append((seg, rs))
+    batches = []
+    for (n, rs), segs in groups.items():
+        if len(segs) == 1:
+            singles.append((segs[0], rs))
+            continue
+        slots = [slot for slot, _, _ in segs]
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        slot_index = None if consecutive else torch.tensor(slots, dtype=torch.long, device=device)
+        starts = [start for _, start, _ in segs]
+        row_index = None
+        if not (meta.contiguous and starts == list(range(starts[0], starts[0] + n * len(segs), n))):
+            positions = torch.cat([torch.arange(start, start + n) for start in starts]).to(device)
+            row_index = positions if order is None else order[positions]
+        batches.append(_Batch(n, len(segs), rs, slots[0], slot_index, starts[0], row_index, scales_of(slots, rs)))
+    looped = []
+    for (slot, start, n), rs in sorted(singles, key=lambda item: item[0][1]):
+        rows = None if order is None else order[start:start + n]
+        looped.append(_Loop(slot, start, n, rows, rs, scales_of([slot], rs)))
+    return _Plan(batches, looped)
 
 
 def _segments(meta: LoRAMeta) -> list[tuple[int, int, int]]:
@@ -86,20 +210,35 @@ def torch_shrink(
         return out
     if (strategy or STRATEGY) == "gather":
         return _shrink_gather(x, A, ranks, meta, out)
-    ranks_h = ranks.tolist()
-    order = meta.order
-    for slot, start, n in _segments(meta):
-        rs = [ranks_h[i][slot] for i in range(num_slices)]
-        if not any(rs):
-            continue
-        if meta.contiguous:
-            rows, xs = None, x[start:start + n]
+    plan = _plan(meta, ranks)
+    for batch in plan.batches:
+        k, n, kn = batch.k, batch.n, batch.k * batch.n
+        if batch.row_index is None:
+            xs = x[batch.row0:batch.row0 + kn].view(k, n, -1)
         else:
-            rows = order[start:start + n].long()
-            xs = x.index_select(0, rows)
+            xs = x.index_select(0, batch.row_index).view(k, n, -1)
+        for i, r in enumerate(batch.ranks):
+            if not r:
+                continue
+            if batch.slot_index is None:
+                a = A[i, batch.slot0:batch.slot0 + k, :r]                  # [k, r, in]
+            else:
+                a = A[i, :, :r].index_select(0, batch.slot_index)
+            if batch.row_index is None and r == R and x.dtype == torch.float32 and out.stride(1) == R:
+                # full-rank fp32: the rows of out are one contiguous block, written in place
+                torch.bmm(xs, a.transpose(1, 2), out=out[i, batch.row0:batch.row0 + kn].view(k, n, R))
+                continue
+            res = torch.bmm(xs, a.transpose(1, 2)).view(kn, r)              # [k·n, r]
+            if batch.row_index is None:
+                out[i, batch.row0:batch.row0 + kn, :r] = res
+            else:
+                out[i, batch.row_index, :r] = res.float()
+    for seg in plan.looped:
+        start, n, rows, rs = seg.start, seg.n, seg.rows, seg.ranks
+        xs = x[start:start + n] if rows is None else x.index_select(0, rows)
         if min(rs) == max(rs):  # all slices share the rank: one batched matmul
             r = rs[0]
-            res = torch.matmul(xs, A[:, slot, :r].transpose(1, 2)).float()  # [num_slices, n, r]
+            res = torch.matmul(xs, A[:, seg.slot, :r].transpose(1, 2)).float()  # [num_slices, n, r]
             if rows is None:
                 out[:, start:start + n, :r] = res
             else:
@@ -107,7 +246,7 @@ def torch_shrink(
             continue
         for i, r in enumerate(rs):
             if r:
-                res = (xs @ A[i, slot, :r].T).float()
+                res = (xs @ A[i, seg.slot, :r].T).float()
                 if rows is None:
                     out[i, start:start + n, :r] = res
                 else:
@@ -133,16 +272,43 @@ def torch_expand(
         return y
     if (strategy or STRATEGY) == "gather":
         return _expand_gather(v, B_t, ranks, scalings, meta, y, offsets, widths)
-    ranks_h, scalings_h = ranks.tolist(), scalings.tolist()
-    order = meta.order
-    for slot, start, n in _segments(meta):
-        rows = None if meta.contiguous else order[start:start + n].long()
+    plan = _plan(meta, ranks, scalings)
+    same_dtype = v.dtype == B_t.dtype
+    for batch in plan.batches:
+        k, n, kn = batch.k, batch.n, batch.k * batch.n
         for i, (off, w) in enumerate(zip(offsets, widths)):
-            r = ranks_h[i][slot]
+            r = batch.ranks[i]
             if r == 0 or w == 0:
                 continue
-            s = scalings_h[i][slot]
-            b = B_t[slot, :r, off:off + w]
+            if batch.slot_index is None:
+                b = B_t[batch.slot0:batch.slot0 + k, :r, off:off + w]        # [k, r, w]
+            else:
+                b = B_t[:, :r, off:off + w].index_select(0, batch.slot_index)
+            if batch.row_index is None:
+                vs = v[i, batch.row0:batch.row0 + kn, :r]
+            else:
+                vs = v[i].index_select(0, batch.row_index)[:, :r]
+            vs = (vs if same_dtype else vs.to(B_t.dtype)).view(k, n, r)
+            s = batch.scales[i]
+            if batch.row_index is None:
+                # bmm then add: baddbmm_ into a row-strided view of y falls back to k addmm_ calls
+                ys = y[batch.row0:batch.row0 + kn, off:off + w].view(k, n, w)
+                if isinstance(s, float):
+                    ys.add_(torch.bmm(vs, b), alpha=s)
+                else:
+                    ys.addcmul_(torch.bmm(vs, b), s.to(y.dtype))
+            else:
+                delta = torch.bmm(vs, b)
+                delta = delta * s if isinstance(s, float) else delta * s.to(y.dtype)
+                y[:, off:off + w].index_add_(0, batch.row_index, delta.view(kn, w))
+    for seg in plan.looped:
+        start, n, rows = seg.start, seg.n, seg.rows
+        for i, (off, w) in enumerate(zip(offsets, widths)):
+            r = seg.ranks[i]
+            if r == 0 or w == 0:
+                continue
+            s = seg.scales[i]
+            b = B_t[seg.slot, :r, off:off + w]
             if rows is None:
                 vs = v[i, start:start + n, :r].to(b.dtype)
                 y[start:start + n, off:off + w].addmm_(vs, b, alpha=s)
