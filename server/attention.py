@@ -7,13 +7,18 @@ under `ATTENTION_NAME`; the model runner passes the step's `AttentionMeta` as th
 new keys/values into their cache slots, then attends each sequence's queries over that sequence's
 context (gathered from its blocks) with a causal mask aligned to the sequence's positions.
 
+Decoding sequences (one query each) are attended together: their contexts are gathered into one
+`[B, kv_heads, L, head_dim]` batch padded to the longest, padding masked out (no mask at all when
+every context has the same length), and one attention call serves them all. Prefill chunks keep one
+call per sequence (their causal masks differ).
+
 Cache layout per layer: `k[layer]`, `v[layer]`: `[num_blocks * block_size, kv_heads, head_dim]`; the
 slot of position p of a sequence is `block_table[p // block_size] * block_size + p % block_size`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +56,58 @@ class SequenceSpan:
 
 
 @dataclass
+class DecodeBatch:
+    """The step's decoding sequences, attended in one call over whole gathered blocks.
+
+    Worked example, block_size 4: two sequences with block tables [7, 2] and [5], at lengths 6 and 3
+    (their query is the last position): blocks [7, 2, 5, 0] (padded to 2 per sequence), keys of
+    positions [0, 8) per sequence; the first attends to 6 of them, the second to 3.
+    """
+
+    rows: torch.Tensor
+    """[B] long: the query's row in the flat step."""
+    row_range: tuple[int, int] | None
+    """(first, last + 1) when the rows are consecutive: sliced rather than gathered."""
+    blocks: torch.Tensor
+    """[B * blocks_per_seq] long: each sequence's first blocks_per_seq blocks, padded with block 0."""
+    blocks_per_seq: int
+    lengths: torch.Tensor
+    """[B] long: context length of each sequence (its query sits at position length - 1)."""
+    uniform: bool
+    """Every context fills its blocks exactly: nothing to mask."""
+    masks: dict = field(default_factory=dict)
+    """Per sliding window (None: none): [B, 1, 1, L] bool, True where a key is attended."""
+
+    def gather(self, cache: torch.Tensor, block_size: int) -> torch.Tensor:
+        """[B, kv_heads, L, head_dim] keys (or values) of positions [0, L), L = blocks_per_seq · block_size."""
+        blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, self.blocks)
+        return blocks.view(self.lengths.shape[0], self.blocks_per_seq * block_size, *cache.shape[1:]).transpose(1, 2)
+
+    def mask(self, window: int | None, length: int) -> torch.Tensor | None:
+        if window is not None and window >= length:
+            window = None
+        if window is None and self.uniform:
+            return None
+        if window not in self.masks:
+            k_pos = torch.arange(length, device=self.lengths.device)[None, :]
+            lengths = self.lengths[:, None]
+            mask = k_pos < lengths
+            if window is not None:
+                mask &= k_pos >= lengths - window
+            self.masks[window] = mask[:, None, None, :]
+        return self.masks[window]
+
+
+@dataclass
 class AttentionMeta:
     cache: PagedKVCache
     slot_mapping: torch.Tensor
     """[num_tokens] cache slot of each token of the step (long)."""
     spans: list[SequenceSpan]
+    """Sequences attended one by one (prefill chunks)."""
     sliding_window: int | None = None
+    decode: DecodeBatch | None = None
+    """Sequences decoding one token, attended together."""
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -73,10 +124,26 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     num_heads, head_dim = query.shape[1], query.shape[3]
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
     window = getattr(module, "sliding_window", None) or meta.sliding_window
+    decode = meta.decode
+    if decode is not None:
+        if decode.row_range is not None:
+            q = query[0, :, decode.row_range[0] : decode.row_range[1]]  # [H, B, D]
+        else:
+            q = query[0].index_select(1, decode.rows)
+        q = q.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        block_size = meta.cache.block_size
+        k = decode.gather(k_cache, block_size).to(q.dtype)  # [B, KVH, L, D]
+        v = decode.gather(v_cache, block_size).to(q.dtype)
+        mask = decode.mask(window, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if decode.row_range is not None:
+            output[decode.row_range[0] : decode.row_range[1]] = out[:, :, 0]
+        else:
+            output.index_copy_(0, decode.rows, out[:, :, 0])
     for span in meta.spans:
         q = query[:, :, span.query_start : span.query_start + span.query_len]  # [1, H, n, D]
-        k = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
-        v = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        k = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
+        v = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         mask = _causal_mask(span.query_len, k.shape[2], window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         output[span.query_start : span.query_start + span.query_len] = out[0].transpose(0, 1)

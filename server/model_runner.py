@@ -201,6 +201,7 @@ class ModelRunner:
         token_slots: list[int] = []
         slot_mapping: list[int] = []
         spans: list[attention.SequenceSpan] = []
+        decoding: list[tuple[int, StepInput]] = []  # (row, input): one query, attended as a batch
         virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
         bs = self.block_size
@@ -209,6 +210,16 @@ class ModelRunner:
             num_virtual = 0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0]
             n = num_virtual + len(item.token_ids)
             row = len(token_ids)
+            if item.samples:
+                keep[i] = row + n - 1
+            token_slots.extend([item.slot] * n)
+            if n == 1 and not num_virtual and item.skip is None:  # decoding: plain Python, no tensors
+                position = item.start
+                token_ids.append(item.token_ids[0])
+                positions.append(position)
+                slot_mapping.append(item.block_table[position // bs] * bs + position % bs)
+                decoding.append((row, item))
+                continue
             if num_virtual:
                 virtual.append((row, item.virtual_embeddings))
             token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
@@ -223,16 +234,14 @@ class ModelRunner:
                 context_slots = torch.cat([context_slots[:low], context_slots[high:]])
                 shift = high - low
             positions.extend(range(item.start - shift, end - shift))
-            token_slots.extend([item.slot] * n)
             spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
-            if item.samples:
-                keep[i] = row + n - 1
 
         device = self.device
         meta = attention.AttentionMeta(
             cache=self.kv_cache,
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             spans=spans,
+            decode=self._decode_batch(decoding) if decoding else None,
         )
         sampling = [i for i in range(len(inputs)) if i in keep]
         keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
@@ -255,6 +264,28 @@ class ModelRunner:
         finally:
             self.lora_context.end()
         return output.logits[0].float()
+
+    def _decode_batch(self, decoding: list[tuple[int, StepInput]]) -> attention.DecodeBatch:
+        """The blocks holding every decoding sequence's context, as many per sequence as the longest needs."""
+        bs = self.block_size
+        lengths = [item.start + 1 for _, item in decoding]
+        per_seq = -(-max(lengths) // bs)
+        blocks = []
+        for _, item in decoding:
+            table = item.block_table[:per_seq]
+            blocks.extend(table)
+            blocks.extend([0] * (per_seq - len(table)))
+        rows = [row for row, _ in decoding]
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        device = self.device
+        return attention.DecodeBatch(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            row_range=(rows[0], rows[-1] + 1) if consecutive else None,
+            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            blocks_per_seq=per_seq,
+            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+            uniform=all(length == per_seq * bs for length in lengths),
+        )
 
     def _begin_adapters(self, token_slots: list[int]) -> None:
         kinds = {self.slot_kinds[slot] for slot in set(token_slots) if slot >= 0} - {None}

@@ -1,0 +1,71 @@
+"""Decoding sequences attended as one batch (gathered blocks, padding masked) give what attending each
+sequence on its own gives: different context lengths, contexts that fill their blocks exactly (no
+mask), a sliding window, grouped-query heads, and decode rows split by a prefill chunk."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loraplex.server import attention
+from loraplex.server.model_runner import ModelRunner, StepInput
+
+BLOCK = 4
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def make_cache(num_blocks: int = 32) -> attention.PagedKVCache:
+    cache = attention.PagedKVCache(1, num_blocks, BLOCK, KV_HEADS, DIM, torch.float32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    return cache
+
+
+def context_slots(table: list[int], length: int) -> torch.Tensor:
+    return torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+
+
+def run(meta: attention.AttentionMeta, query, key, value, window):
+    module = SimpleNamespace(layer_idx=0, sliding_window=window)
+    return attention.paged_attention(module, query, key, value, None, scaling=DIM ** -0.5,
+                                     **{attention.META_KWARG: meta})[0]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("lengths", [[7, 3, 12, 1], [8, 8, 8, 8], [5, 5, 5, 5]], ids=["ragged", "full-blocks", "equal"])
+@pytest.mark.parametrize("prefill_between", [False, True])
+def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_between):
+    gen = torch.Generator().manual_seed(1)
+    tables = [[3 + 4 * i, 20 + i, 9 + i, 30 - i][: -(-length // BLOCK)] for i, length in enumerate(lengths)]
+    decoding = []  # (row, StepInput) as the model runner collects them
+    spans = []     # the same sequences, one span each (the per-sequence path)
+    slot_mapping = []
+    row = 0
+    prefill = None
+    for i, (table, length) in enumerate(zip(tables, lengths)):
+        if prefill_between and i == 2:  # a 3-token prefill chunk between the decode rows
+            prefill = attention.SequenceSpan(row, 3, context_slots([1, 2], 3))
+            slot_mapping += context_slots([1, 2], 3).tolist()
+            row += 3
+        decoding.append((row, StepInput(token_ids=[0], start=length - 1, block_table=table, slot=-1, samples=True)))
+        spans.append(attention.SequenceSpan(row, 1, context_slots(table, length)))
+        slot_mapping.append(int(context_slots(table, length)[-1]))
+        row += 1
+    T = row
+    query = torch.randn(1, HEADS, T, DIM, generator=gen)
+    key = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
+    value = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
+    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"))
+    batch = ModelRunner._decode_batch(runner, decoding)
+    assert (batch.row_range is None) == prefill_between
+
+    extra = [prefill] if prefill is not None else []
+    mapping = torch.tensor(slot_mapping)
+    one_by_one = run(attention.AttentionMeta(make_cache(), mapping, spans + extra), query, key, value, window)
+    batched = run(attention.AttentionMeta(make_cache(), mapping, extra, decode=batch), query, key, value, window)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    if lengths == [8, 8, 8, 8] and window is None:
+        assert batch.mask(None, 8) is None  # contexts fill their blocks: attended without a mask
