@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from loraplex.clients import cli as client_cli
-from loraplex.server import __version__
+from loraplex.server import __version__, bench
 from loraplex.server import demo_model
 from loraplex.server.api import cli as serve_cli
 from loraplex.server.api import demo
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_health_parser(subparsers)
     demo_model.add_parser(subparsers)
     train_cli.add_parser(subparsers)
+    bench.add_parser(subparsers)
     return parser
 
 
