@@ -8,9 +8,11 @@ new keys/values into their cache slots, then attends each sequence's queries ove
 context (gathered from its blocks) with a causal mask aligned to the sequence's positions.
 
 Decoding sequences (one query each) are attended together: their contexts are gathered into one
-`[B, kv_heads, L, head_dim]` batch padded to the longest, padding masked out (no mask at all when
-every context has the same length), and one attention call serves them all. Prefill chunks keep one
-call per sequence (their causal masks differ).
+`[B, kv_heads, L, head_dim]` batch of whole blocks, padding masked out (no mask when every context
+fills its blocks), and one attention call serves them all. Fresh prefills of equal length (positions
+[0, n), nothing cached before: their context is their own keys and values) share one causal call
+without touching the cache. Other chunks (a chunked prefill's later parts, prefix-tuning sequences)
+keep one call per sequence over their gathered context.
 
 Cache layout per layer: `k[layer]`, `v[layer]`: `[num_blocks * block_size, kv_heads, head_dim]`; the
 slot of position p of a sequence is `block_table[p // block_size] * block_size + p % block_size`.
@@ -99,15 +101,35 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillBatch:
+    """k fresh prefill chunks of n tokens each (positions [0, n)), attended in one causal call.
+
+    Worked example: chunks of 4 tokens at rows 0, 4 and 8 give n=4, k=3, row0=0 (rows [0, 12), a
+    view); at rows 0, 5 and 9 they give rows = [0..3, 5..8, 9..12] (gathered).
+    """
+
+    n: int
+    k: int
+    row0: int
+    """Rows are [row0, row0 + k·n) when `rows` is None."""
+    rows: torch.Tensor | None = None
+    """[k·n] long: the chunks' rows, chunk by chunk, when they are not consecutive."""
+
+
+@dataclass
 class AttentionMeta:
     cache: PagedKVCache
     slot_mapping: torch.Tensor
     """[num_tokens] cache slot of each token of the step (long)."""
     spans: list[SequenceSpan]
-    """Sequences attended one by one (prefill chunks)."""
+    """Sequences attended one by one over their gathered context."""
     sliding_window: int | None = None
     decode: DecodeBatch | None = None
     """Sequences decoding one token, attended together."""
+    prefills: list[PrefillBatch] = field(default_factory=list)
+    """Fresh prefill chunks, one batch per length."""
+    masks: dict = field(default_factory=dict)
+    """(query_len, context_len, window) -> causal mask, built once per step (every layer uses it)."""
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -140,14 +162,40 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             output[decode.row_range[0] : decode.row_range[1]] = out[:, :, 0]
         else:
             output.index_copy_(0, decode.rows, out[:, :, 0])
+    for batch in meta.prefills:
+        n, k, kn = batch.n, batch.k, batch.k * batch.n
+        if batch.rows is None:
+            q, keys, values = (t[0, :, batch.row0 : batch.row0 + kn] for t in (query, key, value))  # [heads, k·n, D]
+        else:
+            q, keys, values = (t[0].index_select(1, batch.rows) for t in (query, key, value))
+        # as the cache would hand them back: stored in the cache's dtype
+        keys = keys.to(k_cache.dtype).to(q.dtype).view(-1, k, n, head_dim).transpose(0, 1)  # [k, KVH, n, D]
+        values = values.to(v_cache.dtype).to(q.dtype).view(-1, k, n, head_dim).transpose(0, 1)
+        q = q.view(num_heads, k, n, head_dim).transpose(0, 1)  # [k, H, n, D]
+        mask = None if window is None or n <= window else _mask(meta, n, n, window, q.device)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
+                                             scale=scaling, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(kn, num_heads, head_dim)  # [k·n, H, D]
+        if batch.rows is None:
+            output[batch.row0 : batch.row0 + kn] = out
+        else:
+            output.index_copy_(0, batch.rows, out)
     for span in meta.spans:
         q = query[:, :, span.query_start : span.query_start + span.query_len]  # [1, H, n, D]
         k = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
         v = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-        mask = _causal_mask(span.query_len, k.shape[2], window, q.device)
+        mask = _mask(meta, span.query_len, k.shape[2], window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         output[span.query_start : span.query_start + span.query_len] = out[0].transpose(0, 1)
     return output.unsqueeze(0), None
+
+
+def _mask(meta: AttentionMeta, query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:
+    """`_causal_mask`, built once per step: every layer attends with the same masks."""
+    key = (query_len, context_len, window)
+    if key not in meta.masks:
+        meta.masks[key] = _causal_mask(query_len, context_len, window, device)
+    return meta.masks[key]
 
 
 def _causal_mask(query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:

@@ -421,10 +421,7 @@ def bandwidth_floor(config: BenchConfig, system, adapters: dict[str, Path], summ
     """
     import torch
 
-    from loraplex.server.bench_measure import tensor_bytes
-
-    runner = system.engine.runner
-    base = tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers()))
+    base = system.model_bytes()
     element = torch.finfo(getattr(torch, config.dtype)).bits // 8
     per_adapter = [adapter_elements(path) * element for path in adapters.values()]
     distinct = min(config.batch, len(adapters)) if config.popularity == "distinct" else None

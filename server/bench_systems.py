@@ -33,10 +33,16 @@ class LoraplexSystem:
             engine.register_adapter(adapter_id, str(path))
         return cls(engine)
 
+    def model_bytes(self) -> int:
+        """The base model's weights: parameters and buffers, and the projections kept packed for oneDNN."""
+        runner = self.engine.runner
+        groups = {id(module.group): module.group for module in runner.lora_table.values()}
+        packed = sum(g.packed.numel() * g.packed.element_size() for g in groups.values() if g.packed is not None)
+        return tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers())) + packed
+
     def resident_bytes(self) -> int:
         runner = self.engine.runner
-        model = tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers()))
-        return model + runner.lora_bytes() + runner.kv_cache.nbytes()
+        return self.model_bytes() + runner.lora_bytes() + runner.kv_cache.nbytes()
 
     def run(self, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> RunResult:
         from loraplex.server.engine import GenerationRequest
@@ -74,7 +80,12 @@ class LoraplexSystem:
         return RunResult(seconds, times, watch.peak_growth, steps)
 
     def close(self) -> None:
+        """Stop the engine and wait for its adapter loader: a loader thread still reading an adapter
+        while the interpreter exits aborts the process."""
         self.engine.close()
+        worker = getattr(self.engine.store, "_worker", None)
+        if worker is not None:
+            worker.join(timeout=60)
 
 
 def load_hf_model(model_dir: Path, dtype: str, quantization: str, device: str):

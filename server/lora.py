@@ -11,7 +11,11 @@ decoder layer runs at most four shrink/expand pairs (qkv, o, gate_up, down):
     pool.scale  [num_slices, num_slots] float32
 
 Plain `nn.Linear` groups are fused at wrap time: the group owns one weight `[out_total, in]` and each
-projection's `weight` becomes a view of its rows, so nothing is stored twice. The first projection
+projection's `weight` becomes a view of its rows, so nothing is stored twice. On CPU (float32, with
+oneDNN) the fused weight is kept only in oneDNN's blocked layout, prepacked once: a decode step reads
+every weight once per step, and the packed GEMM reads them faster than MKL's on the plain layout
+(+8 % base-model decode throughput in `loraplex bench` on CPU); the projections then become
+`PackedProjection`s, whose `weight` is unpacked on demand (DoRA's norms at adapter load). The first projection
 of a group called in a step computes the whole group's output once, `y = x @ weightᵀ + bias`, adds
 every token's LoRA into it in place (`lora_apply`), and returns its columns as a view; its siblings
 take their columns of the same `y`. Compared with a zero-filled delta buffer added to each
@@ -40,6 +44,9 @@ from torch import nn
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.ops import lora_apply
 
+# oneDNN lays a packed weight out for GEMMs of about this many rows (a decode step's batch); any row
+# count works.
+PACK_ROWS_HINT = 16
 # Sibling projections that read the same input tensor; anything else is a group of its own.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 LINEAR_TYPES = (nn.Linear,)
@@ -125,25 +132,48 @@ class LoRAGroup:
         self.paths = paths
         self.pool = pool
         self.context = context
+        self.fused = False
+        """The projections' base weights are one [out_total, in] weight (plain nn.Linear groups)."""
         self.weight: torch.Tensor | None = None
-        """[out_total, in] fused base weight (plain nn.Linear groups); None: each base runs itself."""
+        """The fused weight in the plain layout; None when it is only kept packed."""
+        self.packed: torch.Tensor | None = None
+        """The fused weight prepacked for oneDNN (CPU, float32)."""
         self.bias: torch.Tensor | None = None
         self.has_ia3_in = False
         """Some projection of the group holds IA3 input vectors: its input differs, no fused output."""
 
-    def fuse(self, linears: list[nn.Linear]) -> None:
-        """Move the projections' weights into one [out_total, in] tensor; theirs become views of it."""
+    def fuse(self, linears: list[nn.Linear]) -> list[nn.Module]:
+        """Move the projections' weights into one [out_total, in] tensor (packed for oneDNN when it
+        can be); returns the modules that stand for the projections' base layers now."""
         first = linears[0].weight
         weight = torch.empty(self.pool.out_total, self.pool.in_features, dtype=first.dtype, device=first.device)
         with_bias = any(linear.bias is not None for linear in linears)
         bias = torch.zeros(self.pool.out_total, dtype=first.dtype, device=first.device) if with_bias else None
         for linear, offset, width in zip(linears, self.pool.slice_offsets, self.pool.slice_widths):
             weight[offset : offset + width].copy_(linear.weight.detach())
-            linear.weight = nn.Parameter(weight[offset : offset + width], requires_grad=False)
             if linear.bias is not None:
                 bias[offset : offset + width].copy_(linear.bias.detach())
+        self.fused, self.bias = True, bias
+        if _can_pack(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+            return [PackedProjection(self, index, linear.in_features, linear.out_features)
+                    for index, linear in enumerate(linears)]
+        self.weight = weight
+        for linear, offset, width in zip(linears, self.pool.slice_offsets, self.pool.slice_widths):
+            linear.weight = nn.Parameter(weight[offset : offset + width], requires_grad=False)
+            if linear.bias is not None:
                 linear.bias = nn.Parameter(bias[offset : offset + width], requires_grad=False)
-        self.weight, self.bias = weight, bias
+        return linears
+
+    def base_output(self, flat: torch.Tensor) -> torch.Tensor:
+        """x @ weightᵀ + bias for the whole group: [tokens, out_total]."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return F.linear(flat, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The fused weight [out_total, in] in the plain layout (unpacked: a copy when packed)."""
+        return self.weight if self.packed is None else self.packed.to_dense()
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Base plus LoRA output of the fused group for x, `[..., out_total]`, computed once per input.
@@ -161,7 +191,7 @@ class LoRAGroup:
                 del cache[id(self)]
             return y
         flat = x.reshape(-1, x.shape[-1])
-        out = F.linear(flat, self.weight, self.bias)
+        out = self.base_output(flat)
         context = self.context
         if context.meta is not None and context.has_lora:
             pool = self.pool
@@ -184,6 +214,35 @@ class LoRAGroup:
                    pool.slice_offsets, pool.slice_widths)
         self.context.cache[id(self)] = (x, out, None)
         return out
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedProjection(nn.Module):
+    """One projection of a group whose fused weight is kept packed: its base layer.
+
+    The fused path never calls it (the group computes all projections at once); the unfused path (a
+    step with IA3 input vectors) does, computing the group's output and keeping its columns.
+    """
+
+    def __init__(self, group: LoRAGroup, index: int, in_features: int, out_features: int):
+        super().__init__()
+        self.group = group
+        self.offset = group.pool.slice_offsets[index]
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if group.bias is None else group.bias[self.offset : self.offset + out_features]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in], unpacked on demand (a copy: DoRA reads it once per adapter load)."""
+        return self.group.dense_weight()[self.offset : self.offset + self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.base_output(x.reshape(-1, x.shape[-1]))[:, self.offset : self.offset + self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class LoRALinear(nn.Module):
@@ -224,7 +283,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         context = group.context
-        if group.weight is not None and not (context.has_ia3 and group.has_ia3_in):
+        if group.fused and not (context.has_ia3 and group.has_ia3_in):
             offset = group.pool.slice_offsets[self.slice_index]
             y = group.output(x)[..., offset : offset + self.out_features]
             if context.meta is None:
@@ -290,10 +349,10 @@ def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dty
         bases = [modules[path] for path in paths]
         if all(type(base) is nn.Linear and base.weight.dtype == dtype and base.weight.device == pool.a.device
                for base in bases):
-            group.fuse(bases)
+            bases = group.fuse(bases)
         for index, path in enumerate(paths):
             parent_path, _, leaf = path.rpartition(".")
-            wrapped = LoRALinear(modules[path], group, index, num_slots)
+            wrapped = LoRALinear(bases[index], group, index, num_slots)
             setattr(modules[parent_path], leaf, wrapped)
             table[path] = wrapped
     return table

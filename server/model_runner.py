@@ -202,6 +202,7 @@ class ModelRunner:
         slot_mapping: list[int] = []
         spans: list[attention.SequenceSpan] = []
         decoding: list[tuple[int, StepInput]] = []  # (row, input): one query, attended as a batch
+        fresh: list[tuple[int, int]] = []  # (row, n): prefills of positions [0, n), batched by n
         virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
         bs = self.block_size
@@ -225,6 +226,12 @@ class ModelRunner:
             token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
             token_ids.extend(item.token_ids)
             end = item.start + n
+            if item.start == 0 and item.skip is None:  # a fresh prefill: its context is its own tokens
+                table = item.block_table
+                slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(n))
+                positions.extend(range(n))
+                fresh.append((row, n))
+                continue
             table = torch.tensor(item.block_table, dtype=torch.long)
             context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
             slot_mapping.extend(context_slots[item.start :].tolist())
@@ -242,6 +249,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             spans=spans,
             decode=self._decode_batch(decoding) if decoding else None,
+            prefills=self._prefill_batches(fresh),
         )
         sampling = [i for i in range(len(inputs)) if i in keep]
         keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
@@ -286,6 +294,20 @@ class ModelRunner:
             lengths=torch.tensor(lengths, dtype=torch.long, device=device),
             uniform=all(length == per_seq * bs for length in lengths),
         )
+
+    def _prefill_batches(self, fresh: list[tuple[int, int]]) -> list[attention.PrefillBatch]:
+        """Fresh prefills grouped by length; a group's rows are a view when they are consecutive."""
+        by_length: dict[int, list[int]] = {}
+        for row, n in fresh:
+            by_length.setdefault(n, []).append(row)
+        batches = []
+        for n, rows in by_length.items():
+            if rows == list(range(rows[0], rows[0] + n * len(rows), n)):
+                batches.append(attention.PrefillBatch(n, len(rows), rows[0]))
+            else:
+                index = torch.tensor([row + i for row in rows for i in range(n)], dtype=torch.long, device=self.device)
+                batches.append(attention.PrefillBatch(n, len(rows), rows[0], index))
+        return batches
 
     def _begin_adapters(self, token_slots: list[int]) -> None:
         kinds = {self.slot_kinds[slot] for slot in set(token_slots) if slot >= 0} - {None}

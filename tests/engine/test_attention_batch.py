@@ -69,3 +69,33 @@ def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_b
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     if lengths == [8, 8, 8, 8] and window is None:
         assert batch.mask(None, 8) is None  # contexts fill their blocks: attended without a mask
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_batched_fresh_prefills_match_one_call_per_sequence(window, consecutive):
+    """Prompts of equal length (positions [0, n)) attend to their own keys in one causal call."""
+    gen = torch.Generator().manual_seed(2)
+    n, tables = 5, [[1, 2], [6, 7], [10, 3]]
+    fresh, spans, slot_mapping, row = [], [], [], 0
+    for i, table in enumerate(tables):
+        if not consecutive and i == 1:  # a decoding sequence's row between the prompts
+            spans.append(attention.SequenceSpan(row, 1, context_slots([20], 3)))
+            slot_mapping.append(int(context_slots([20], 3)[-1]))
+            row += 1
+        fresh.append((row, n))
+        spans.append(attention.SequenceSpan(row, n, context_slots(table, n)))
+        slot_mapping += context_slots(table, n).tolist()
+        row += n
+    query = torch.randn(1, HEADS, row, DIM, generator=gen)
+    key = torch.randn(1, KV_HEADS, row, DIM, generator=gen)
+    value = torch.randn(1, KV_HEADS, row, DIM, generator=gen)
+    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"))
+    batches = ModelRunner._prefill_batches(runner, fresh)
+    assert len(batches) == 1 and (batches[0].rows is None) == consecutive
+
+    mapping = torch.tensor(slot_mapping)
+    one_by_one = run(attention.AttentionMeta(make_cache(), mapping, spans), query, key, value, window)
+    others = [span for span in spans if span.query_len == 1]
+    batched = run(attention.AttentionMeta(make_cache(), mapping, others, prefills=batches), query, key, value, window)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
