@@ -314,5 +314,7 @@ class ModelRunner:
         if not kinds & {"lora", "dora", "ia3"}:
             self.lora_context.begin(None)
             return
-        rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
+        rows = None  # per-token vector rows: only DoRA and IA3 read them
+        if kinds & {"dora", "ia3"}:
+            rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
         self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)
