@@ -13,12 +13,18 @@ docs/benchmarks.md): the segment loop wins at every size tried, from 1.25x at 16
 adapters (1-token segments, its weak spot: ~20 µs per segment and slice) to ~200x at 2048-token
 prefill, where gather copies every token's weights.
 
-The segment strategy covers its weak spot by batching: short segments (at most ``BATCH_MAX_LEN``
-tokens) of equal length and equal ranks are run as one ``bmm`` per slice over their slots' weights,
-still sliced to their own rank (a view of the pools when the slots are consecutive, else a gather of
-just those r rows). A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per
-slice instead of 16 matmuls each. The grouping is computed once per (step, ranks, scalings) and
-cached on the ``LoRAMeta``.
+The segment strategy covers its weak spot by batching, always at each adapter's own rank:
+
+- decode-like segments (at most ``PAD_MAX_LEN`` tokens) with equal ranks run as one ``bmm`` per
+  slice over a view of the pools' slots lo..hi, each segment padded to the longest (padding rows are
+  computed and dropped); slots lo..hi that no segment uses (gaps of up to ``GAP_MAX_SLOTS``) are
+  computed on a repeated row and dropped too. Weights are never copied.
+- longer segments of equal length and ranks (prefill chunks) run as one ``bmm`` per slice, their
+  weights gathered when their slots are not consecutive (small next to the activations).
+
+A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per slice instead of
+16 matmuls each. The grouping is computed once per (step layout, ranks, scalings) and cached on the
+``LoRAMeta``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,15 @@ from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_
 from .meta import LoRAMeta
 
 STRATEGY = "segment"
-# Segments up to this long are batched with others of the same length and ranks (decode steps, and
-# prefill chunks of equal length); a longer one runs alone, its matmul's ~20 µs call cost amortized.
+# Segments up to this long are padded to their run's longest and batched (decode steps: 1 token per
+# sequence, a few per popular adapter).
+PAD_MAX_LEN = 8
+# Short segments of one rank are batched over the pools' slots lo..hi when their slots are at most
+# this many apart: a gap slot's weights (~0.1 MB per layer group at rank 16, hidden 512) are read in
+# less time than another batch's dozen calls take.
+GAP_MAX_SLOTS = 8
+# Longer segments up to this long are batched with others of the same length and ranks (prefill
+# chunks); a longer one runs alone, its matmul's ~20 µs call cost amortized.
 BATCH_MAX_LEN = 512
 
 
@@ -41,9 +54,12 @@ BATCH_MAX_LEN = 512
 class _Batch:
     """Segments of equal length n and equal per-slice ranks, run as one bmm per slice.
 
-    Worked example, contiguous layout: segments (slot, start, len) (3, 0, 1), (4, 1, 1), (7, 2, 1)
-    with rank 16 everywhere give one batch: slots [3, 4, 7], rows [0, 3) as a view (consecutive),
-    weights gathered (3, 4, 7 are not consecutive): ``A[i, :, :16].index_select(0, [3, 4, 7])``.
+    Worked examples, contiguous layout, rank 16 everywhere:
+    - segments (slot, start, len) (3, 0, 1), (4, 1, 1), (5, 2, 1): slots 3..5 (a view of the pools),
+      rows [0, 3) (a view of x);
+    - (3, 0, 2), (4, 2, 1): padded to n = 2, rows [0, 1, 2, 2] (the last row repeated), of which
+      positions [0, 1, 2] are real, at rows [0, 1, 2];
+    - prefill chunks (3, 0, 32), (7, 32, 32): weights gathered, ``A[i, :, :16].index_select(0, [3, 7])``.
     """
 
     n: int
@@ -52,8 +68,10 @@ class _Batch:
     slot0: int                       # slots are slot0 + 0..k-1 when slot_index is None
     slot_index: torch.Tensor | None  # [k] long, for slots that are not consecutive
     row0: int                        # rows are [row0, row0 + k·n) when row_index is None
-    row_index: torch.Tensor | None   # [k·n] long token rows, segment by segment
+    row_index: torch.Tensor | None   # [k·n] long token rows, segment by segment (padding repeats a row)
     scales: tuple                    # per slice: one float, or a [k, 1, 1] fp32 tensor (expand only)
+    real: torch.Tensor | None = None       # [m] long positions in the k·n block that are not padding
+    real_rows: torch.Tensor | None = None  # [m] long their token rows
 
 
 @dataclass
@@ -118,6 +136,10 @@ def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
                 out.append(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1))
         return tuple(out)
 
+    def rows_of(start: int, n: int) -> list[int]:
+        return list(range(start, start + n)) if order is None else order[start:start + n].tolist()
+
+    short: dict[tuple, list[tuple[int, int, int]]] = {}
     groups: dict[tuple, list[tuple[int, int, int]]] = {}
     singles = []
     for seg in segments:
@@ -125,11 +147,25 @@ def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
         rs = tuple(ranks_h[i][slot] for i in range(num_slices))
         if not any(rs):
             continue
-        if n <= BATCH_MAX_LEN:
+        if n <= PAD_MAX_LEN:
+            short.setdefault(rs, []).append(seg)
+        elif n <= BATCH_MAX_LEN:
             groups.setdefault((n, rs), []).append(seg)
         else:
             singles.append((seg, rs))
     batches = []
+    for rs, segs in short.items():  # segments come in slot order
+        ranges = [[segs[0]]]
+        for seg in segs[1:]:
+            if seg[0] - ranges[-1][-1][0] <= 1 + GAP_MAX_SLOTS:
+                ranges[-1].append(seg)
+            else:
+                ranges.append([seg])
+        for run in ranges:
+            if len(run) == 1:
+                singles.append((run[0], rs))
+                continue
+            batches.append(_range_batch(run, rs, rows_of, scales_of, order is None, device))
     for (n, rs), segs in groups.items():
         if len(segs) == 1:
             singles.append((segs[0], rs))
@@ -148,6 +184,36 @@ def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
         rows = None if order is None else order[start:start + n]
         looped.append(_Loop(slot, start, n, rows, rs, scales_of([slot], rs)))
     return _Plan(batches, looped)
+
+
+def _range_batch(run, rs, rows_of, scales_of, contiguous: bool, device) -> _Batch:
+    """Short segments of slots lo..hi (in order, gaps allowed) as one batch over the pools' slots
+    lo..hi: every segment padded to the longest, slots in the gaps computed on a repeated row and
+    dropped (reading a gap slot's r rows costs less than another batch's calls)."""
+    lo, hi = run[0][0], run[-1][0]
+    n = max(length for _, _, length in run)
+    k = hi - lo + 1
+    starts = [start for _, start, _ in run]
+    if k == len(run) and contiguous and all(length == n for _, _, length in run) \
+            and starts == list(range(starts[0], starts[0] + n * k, n)):
+        return _Batch(n, k, rs, lo, None, starts[0], None, scales_of(range(lo, hi + 1), rs))
+    by_slot = {slot: (start, length) for slot, start, length in run}
+    filler = rows_of(run[0][1], 1)[0]
+    rows, real, real_rows = [], [], []
+    for j, slot in enumerate(range(lo, hi + 1)):
+        if slot not in by_slot:
+            rows += [filler] * n
+            continue
+        seg_rows = rows_of(*by_slot[slot])
+        rows += seg_rows + [seg_rows[-1]] * (n - len(seg_rows))
+        real += range(j * n, j * n + len(seg_rows))
+        real_rows += seg_rows
+    as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    padded = len(real) < len(rows)
+    # gap slots take their neighbours' scalings: their rows are dropped
+    slots = [slot if slot in by_slot else run[0][0] for slot in range(lo, hi + 1)]
+    return _Batch(n, k, rs, lo, None, starts[0], as_index(rows), scales_of(slots, rs),
+                  as_index(real) if padded else None, as_index(real_rows) if padded else None)
 
 
 def _segments(meta: LoRAMeta) -> list[tuple[int, int, int]]:
@@ -231,8 +297,10 @@ def torch_shrink(
             res = torch.bmm(xs, a.transpose(1, 2)).view(kn, r)              # [k·n, r]
             if batch.row_index is None:
                 out[i, batch.row0:batch.row0 + kn, :r] = res
-            else:
+            elif batch.real is None:
                 out[i, batch.row_index, :r] = res.float()
+            else:  # padded: only the real positions
+                out[i, batch.real_rows, :r] = res.index_select(0, batch.real).float()
     for seg in plan.looped:
         start, n, rows, rs = seg.start, seg.n, seg.rows, seg.ranks
         xs = x[start:start + n] if rows is None else x.index_select(0, rows)
@@ -299,8 +367,14 @@ def torch_expand(
                     ys.addcmul_(torch.bmm(vs, b), s.to(y.dtype))
             else:
                 delta = torch.bmm(vs, b)
-                delta = delta * s if isinstance(s, float) else delta * s.to(y.dtype)
-                y[:, off:off + w].index_add_(0, batch.row_index, delta.view(kn, w))
+                alpha = s if isinstance(s, float) else 1.0
+                if not isinstance(s, float):
+                    delta = delta * s.to(y.dtype)
+                delta = delta.view(kn, w)
+                if batch.real is None:
+                    y[:, off:off + w].index_add_(0, batch.row_index, delta, alpha=alpha)
+                else:  # padded: only the real positions
+                    y[:, off:off + w].index_add_(0, batch.real_rows, delta.index_select(0, batch.real), alpha=alpha)
     for seg in plan.looped:
         start, n, rows = seg.start, seg.n, seg.rows
         for i, (off, w) in enumerate(zip(offsets, widths)):

@@ -37,7 +37,8 @@ class LoraplexSystem:
         """The base model's weights: parameters and buffers, and the projections kept packed for oneDNN."""
         runner = self.engine.runner
         groups = {id(module.group): module.group for module in runner.lora_table.values()}
-        packed = sum(g.packed.numel() * g.packed.element_size() for g in groups.values() if g.packed is not None)
+        packed = sum(g.packed.numel() * g.packed.element_size() for g in groups.values()
+                     if getattr(g, "packed", None) is not None)
         return tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers())) + packed
 
     def resident_bytes(self) -> int:
