@@ -15,12 +15,16 @@ prefill, where gather copies every token's weights.
 
 The segment strategy covers its weak spot by batching, always at each adapter's own rank:
 
-- decode-like segments (at most ``PAD_MAX_LEN`` tokens) with equal ranks run as one ``bmm`` per
-  slice over a view of the pools' slots lo..hi, each segment padded to the longest (padding rows are
-  computed and dropped); slots lo..hi that no segment uses (gaps of up to ``GAP_MAX_SLOTS``) are
-  computed on a repeated row and dropped too. Weights are never copied.
-- longer segments of equal length and ranks (prefill chunks) run as one ``bmm`` per slice, their
-  weights gathered when their slots are not consecutive (small next to the activations).
+- decode-like segments (at most ``PAD_MAX_LEN`` tokens) with equal ranks in consecutive slots run as
+  one ``bmm`` per slice over a view of the pools, each segment padded to the run's longest (padding
+  rows are computed and dropped);
+- the other segments of equal length and ranks (prefill chunks; short segments whose slots are not
+  next to another's) run as one ``bmm`` per slice per length, their weights gathered
+  (``index_select``) when their slots are not consecutive.
+
+Measured on the 2-core VM (``loraplex bench``): running a range of slots through their gaps (reading
+unused slots' weights and dropping the rows) gained nothing with 16 slots and lost 15-20 % with
+1,000 slots, so runs stop at the first gap.
 
 A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per slice instead of
 16 matmuls each. The grouping is computed once per (step layout, ranks, scalings) and cached on the
@@ -41,10 +45,6 @@ STRATEGY = "segment"
 # Segments up to this long are padded to their run's longest and batched (decode steps: 1 token per
 # sequence, a few per popular adapter).
 PAD_MAX_LEN = 8
-# Short segments of one rank are batched over the pools' slots lo..hi when their slots are at most
-# this many apart: a gap slot's weights (~0.1 MB per layer group at rank 16, hidden 512) are read in
-# less time than another batch's dozen calls take.
-GAP_MAX_SLOTS = 8
 # Longer segments up to this long are batched with others of the same length and ranks (prefill
 # chunks); a longer one runs alone, its matmul's ~20 µs call cost amortized.
 BATCH_MAX_LEN = 512
@@ -155,15 +155,15 @@ def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
             singles.append((seg, rs))
     batches = []
     for rs, segs in short.items():  # segments come in slot order
-        ranges = [[segs[0]]]
+        runs = [[segs[0]]]
         for seg in segs[1:]:
-            if seg[0] - ranges[-1][-1][0] <= 1 + GAP_MAX_SLOTS:
-                ranges[-1].append(seg)
+            if seg[0] == runs[-1][-1][0] + 1:
+                runs[-1].append(seg)
             else:
-                ranges.append([seg])
-        for run in ranges:
-            if len(run) == 1:
-                singles.append((run[0], rs))
+                runs.append([seg])
+        for run in runs:
+            if len(run) == 1:  # batched with the segments of its length, weights gathered
+                groups.setdefault((run[0][2], rs), []).append(run[0])
                 continue
             batches.append(_range_batch(run, rs, rows_of, scales_of, order is None, device))
     for (n, rs), segs in groups.items():
@@ -187,32 +187,24 @@ def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
 
 
 def _range_batch(run, rs, rows_of, scales_of, contiguous: bool, device) -> _Batch:
-    """Short segments of slots lo..hi (in order, gaps allowed) as one batch over the pools' slots
-    lo..hi: every segment padded to the longest, slots in the gaps computed on a repeated row and
-    dropped (reading a gap slot's r rows costs less than another batch's calls)."""
-    lo, hi = run[0][0], run[-1][0]
+    """Short segments in consecutive slots as one batch over a view of the pools, every segment
+    padded to the longest (padding rows repeat the segment's last row; their results are dropped)."""
     n = max(length for _, _, length in run)
-    k = hi - lo + 1
+    k = len(run)
+    slots = [slot for slot, _, _ in run]
     starts = [start for _, start, _ in run]
-    if k == len(run) and contiguous and all(length == n for _, _, length in run) \
+    if contiguous and all(length == n for _, _, length in run) \
             and starts == list(range(starts[0], starts[0] + n * k, n)):
-        return _Batch(n, k, rs, lo, None, starts[0], None, scales_of(range(lo, hi + 1), rs))
-    by_slot = {slot: (start, length) for slot, start, length in run}
-    filler = rows_of(run[0][1], 1)[0]
+        return _Batch(n, k, rs, slots[0], None, starts[0], None, scales_of(slots, rs))
     rows, real, real_rows = [], [], []
-    for j, slot in enumerate(range(lo, hi + 1)):
-        if slot not in by_slot:
-            rows += [filler] * n
-            continue
-        seg_rows = rows_of(*by_slot[slot])
-        rows += seg_rows + [seg_rows[-1]] * (n - len(seg_rows))
-        real += range(j * n, j * n + len(seg_rows))
+    for j, (_, start, length) in enumerate(run):
+        seg_rows = rows_of(start, length)
+        rows += seg_rows + [seg_rows[-1]] * (n - length)
+        real += range(j * n, j * n + length)
         real_rows += seg_rows
     as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     padded = len(real) < len(rows)
-    # gap slots take their neighbours' scalings: their rows are dropped
-    slots = [slot if slot in by_slot else run[0][0] for slot in range(lo, hi + 1)]
-    return _Batch(n, k, rs, lo, None, starts[0], as_index(rows), scales_of(slots, rs),
+    return _Batch(n, k, rs, slots[0], None, starts[0], as_index(rows), scales_of(slots, rs),
                   as_index(real) if padded else None, as_index(real_rows) if padded else None)
 
 

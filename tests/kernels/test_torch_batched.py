@@ -1,7 +1,7 @@
-"""The torch segment path's batching (one bmm per slice over a range of slots, segments padded to the
-longest; equal-length prefill chunks) against the fp32 reference: consecutive and scattered slots,
-gaps, contiguous and permuted tokens, shared and per-adapter scalings, mixed ranks, long segments
-beside short ones, NaN-poisoned rank padding."""
+"""The torch segment path's batching (one bmm per slice over consecutive slots, segments padded to the
+longest; equal-length segments with gathered weights) against the fp32 reference: consecutive and
+scattered slots, contiguous and permuted tokens, shared and per-adapter scalings, mixed ranks, long
+segments beside short ones, NaN-poisoned rank padding."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ CASES = {
     "prefill-equal-chunks": (contiguous_slots({2: 24, 3: 24, 4: 24}), [16] * S),
     # scattered slots (gathered weights), no-adapter tokens last
     "decode-scattered": (contiguous_slots({1: 1, 4: 1, 5: 1, 9: 1, 15: 1}) + [-1, -1], [8] * S),
-    # rank-16 segments in slots 1, 3 and 6 batched over slots 1..6: the gaps (2, 5) and slot 4 (rank 8,
-    # its rows 8.. poisoned with NaN) are computed and dropped without leaking
-    "gaps-and-padding": (contiguous_slots({1: 3, 3: 1, 4: 1, 6: 2}), [16, 16, 16, 16, 8] + [16] * 11),
+    # slots 1..3 (3, 1 and 2 tokens) padded to 3 in one batch; slots 6 and 9 gathered; slot 4 (rank 8)
+    # on its own
+    "padded-run": (contiguous_slots({1: 3, 2: 1, 3: 2, 4: 1, 6: 1, 9: 1}), [16, 16, 16, 16, 8] + [16] * 11),
     # zipf-like: lengths 1, 2 and a long segment, two ranks
     "zipf-mixed-ranks": (contiguous_slots({0: 12, 1: 2, 2: 2, 3: 1, 5: 1, 6: 1, 8: 1, 11: 1}),
                          [16, 16, 16, 16, 8, 8, 8, 8, 16, 16, 16, 8, 8, 8, 8, 8]),
