@@ -31,7 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from loraplex.server.bench import BenchConfig, bench_local, render
+from loraplex.server.bench import BenchConfig, bench_local
+from loraplex.server.bench_report import render
 from loraplex.server.bench_workload import ModelShape
 
 GPU = BenchConfig(
