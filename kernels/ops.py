@@ -1,6 +1,12 @@
-"""LoRA shrink/expand dispatch: Triton on CUDA, the torch segment loop elsewhere.
+"""LoRA shrink/expand dispatch: Triton on CUDA, the C kernel or the torch segment loop on CPU.
 
-    LORAPLEX_LORA_BACKEND=triton|torch|reference   forces a backend (read on every call)
+    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces a backend (read on every call)
+
+``native`` is the C kernel of ``native.py``: float32 CPU ``lora_apply`` only (shrink and expand of a
+group in one call). Unforced, ``lora_apply`` on CPU float32 uses it for steps whose segments are all
+at most ``NATIVE_MAX_SEGMENT`` tokens (decode: one matrix-vector product per adapter, where it reads
+the weights at memory bandwidth) and the torch segment path for longer segments (prefill, where
+torch's matmul is the faster GEMM); ``lora_shrink``/``lora_expand`` on CPU always use the torch path.
 
 Semantics (all backends; r = ranks[i, a], a = slot of token t, −1 = no adapter):
 
@@ -27,21 +33,54 @@ from typing import Sequence
 
 import torch
 
-from . import reference, torch_ops
+from . import native, reference, torch_ops
 from .meta import LoRAMeta
 
 BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "native", "torch", "reference")
+# Longest segment (tokens of one adapter in a step) that the unforced CPU lora_apply gives to the C
+# kernel; longer ones are GEMMs, which torch's matmul runs faster (docs/benchmarks.md).
+NATIVE_MAX_SEGMENT = 16
+
+
+def _forced_backend() -> str:
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    return forced
 
 
 def select_backend(device: torch.device) -> str:
-    """``$LORAPLEX_LORA_BACKEND`` if set, else "triton" for CUDA tensors and "torch" otherwise."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    """``$LORAPLEX_LORA_BACKEND`` if set, else "triton" for CUDA tensors and "torch" otherwise
+    (``lora_apply`` may still pick "native" on CPU, see the module doc)."""
+    return _forced_backend() or ("triton" if device.type == "cuda" else "torch")
+
+
+def _max_segment(meta: LoRAMeta) -> int:
+    """Longest segment of this step (cached on meta for its current segment list)."""
+    segments = meta.segments
+    cached = meta.__dict__.get("_max_segment")
+    if cached is not None and cached[0] is segments:
+        return cached[1]
+    longest = max((length for _, _, length in segments), default=0)
+    meta.__dict__["_max_segment"] = (segments, longest)
+    return longest
+
+
+def _apply_backend(x, y, A, B_t, meta) -> str:
+    forced = _forced_backend()
+    if forced == "native":
+        if not native.supports(x, y, A, B_t):
+            raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {x.dtype} on {x.device}")
+        return "native"
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
         return forced
-    return "triton" if device.type == "cuda" else "torch"
+    if y.device.type == "cuda":
+        return "triton"
+    if (meta.segments is not None and native.supports(x, y, A, B_t) and _max_segment(meta) <= NATIVE_MAX_SEGMENT
+            and native.available()):
+        return "native"
+    return "torch"
 
 
 def lora_shrink(
@@ -56,7 +95,7 @@ def lora_shrink(
     if backend == "triton":
         from .shrink import triton_shrink
         return triton_shrink(x, A, ranks, meta, out=out)
-    if backend == "torch":
+    if backend in ("torch", "native"):  # native fuses whole groups only (lora_apply)
         return torch_ops.torch_shrink(x, A, ranks, meta, out=out)
     torch_ops._check_shrink(x, A, ranks, meta, out)
     return reference.shrink_reference(x, A, ranks, meta.slots, out=out)
@@ -77,7 +116,7 @@ def lora_expand(
     if backend == "triton":
         from .expand import triton_expand
         return triton_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
-    if backend == "torch":
+    if backend in ("torch", "native"):
         return torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
     from .checks import resolve_slices
     torch_ops._check_expand(v, B_t, ranks, scalings, meta, y)
@@ -98,6 +137,8 @@ def lora_apply(
     v: torch.Tensor | None = None,  # scratch [num_slices, T, max_rank] fp32; default meta.workspace(...)
 ) -> torch.Tensor:
     """y += LoRA(x) for every token's adapter: shrink then expand. Returns y."""
+    if _apply_backend(x, y, A, B_t, meta) == "native":
+        return native.lora_apply(x, y, A, B_t, ranks, scalings, meta, slice_offsets, slice_widths)
     if v is None:
         v = meta.workspace(A.shape[0], A.shape[2])
     lora_shrink(x, A, ranks, meta, out=v)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loraplex.kernels as K
-from loraplex.kernels import expand, reference, shrink, torch_ops
+from loraplex.kernels import expand, native, reference, shrink, torch_ops
 from tests.kernels.cases import TOLERANCE, layout, make_problem
 
 
@@ -25,7 +25,7 @@ def test_environment_forces_a_backend(monkeypatch, value, expected):
 
 def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv(K.BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match="LORAPLEX_LORA_BACKEND='cuda': expected one of triton, torch, reference"):
+    with pytest.raises(ValueError, match="LORAPLEX_LORA_BACKEND='cuda': expected one of triton, native, torch, reference"):
         K.select_backend(torch.device("cpu"))
 
 
@@ -39,8 +39,10 @@ def _spy(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, wrapper)
 
 
-@pytest.mark.parametrize("backend", [None, "torch", "triton", "reference"])
+@pytest.mark.parametrize("backend", [None, "native", "torch", "triton", "reference"])
 def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
+    if backend in (None, "native") and not native.available():
+        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
     if backend:
         monkeypatch.setenv(K.BACKEND_ENV, backend)
     calls: list[str] = []
@@ -50,6 +52,7 @@ def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
     _spy(monkeypatch, expand, "triton_expand", calls)
     _spy(monkeypatch, reference, "shrink_reference", calls)
     _spy(monkeypatch, reference, "expand_reference", calls)
+    _spy(monkeypatch, native, "lora_apply", calls)
 
     p, _ = layout(make_problem(20, 96, 3, "no_adapter", torch.float32, seed=5), contiguous=True)
     meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu", max_slices=3, max_rank=p.A.shape[2])
@@ -58,7 +61,7 @@ def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
     out = K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
     assert out is y
 
-    expected = {None: ["torch_shrink", "torch_expand"], "torch": ["torch_shrink", "torch_expand"],
+    expected = {None: ["lora_apply"], "native": ["lora_apply"], "torch": ["torch_shrink", "torch_expand"],
                 "triton": ["triton_shrink", "triton_expand"],
                 "reference": ["shrink_reference", "expand_reference"]}[backend]
     assert calls == expected
@@ -70,6 +73,7 @@ def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
 
 
 def test_lora_apply_uses_the_reserved_workspace(monkeypatch):
+    monkeypatch.setenv(K.BACKEND_ENV, "torch")  # the C kernel keeps v in its own buffer
     p = make_problem(5, 96, 1, "identical", torch.float32, seed=1)
     meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu", max_slices=1, max_rank=p.A.shape[2]).update(p.slots)
     seen = []

@@ -1,0 +1,197 @@
+"""The CPU LoRA kernel in C (`cpu_lora.c`): built on first use, called through ctypes.
+
+`lora_apply` (float32, CPU) runs shrink and expand of a projection group in one call, per segment,
+without torch's per-matmul costs; see the C file for the loop. Measured on the 2-core dev VM, one
+thread, the 32 groups of the bench model's decode step (hidden 512 x 8 layers, 16 distinct rank-16
+adapters, 72 MiB of adapter weights): torch segment path 10.0 ms, this kernel (see
+docs/benchmarks.md for the current numbers).
+
+Build: the C compiler (``$CC``, else ``cc``) compiles the source with ``-O3 -march=native -fopenmp``
+into ``$LORAPLEX_CACHE_DIR/native`` (default ``~/.cache/loraplex/native``), under a name hashed from
+the source, the flags and this CPU's model and feature flags, so a cache shared by different CPUs
+never loads a binary built for another one. Written to a temporary name and renamed: processes
+building at once each get a whole file. No compiler, or a failed build: logged once, and callers
+use the torch path (``available()`` is False). OpenMP: the library links ``libgomp.so.1``, which
+resolves to the copy torch already loaded, so both share one runtime; the call uses
+``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checks import check_dim, check_pools, check_tensor, resolve_slices
+from .meta import LoRAMeta
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_lora.c")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+CACHE_ENV = "LORAPLEX_CACHE_DIR"
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_error: str | None = None
+_fn = None
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return platform.machine() + "\n" + "\n".join(sorted(set(keep)))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "loraplex"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + repr((compiler, CFLAGS)).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"cpu_lora-{digest}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            os.replace(built, target)
+    library = ctypes.CDLL(str(target))
+    fn = library.loraplex_lora_apply_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+                   _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
+    return library
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library, building it on the first call; None when it cannot be built."""
+    global _library, _error, _fn
+    if _library is not None or _error is not None:
+        return _library
+    with _lock:
+        if _library is None and _error is None:
+            try:
+                _library = _build()
+                _fn = _library.loraplex_lora_apply_f32
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _error = str(exc)
+                log.warning("CPU LoRA kernel unavailable, using the torch path: %s", _error)
+    return _library
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _error
+
+
+def supports(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor) -> bool:
+    """Whether `lora_apply` here takes these tensors (CPU float32)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32
+            and A.dtype == torch.float32 and B_t.dtype == torch.float32)
+
+
+# Pools checked once: (id, version) of their tensors -> the pointers and sizes the call needs.
+_checked: dict[tuple, tuple] = {}
+
+
+def _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths) -> tuple:
+    key = (id(A), id(B_t), id(ranks), id(scalings), A.data_ptr(), B_t.data_ptr(), ranks.data_ptr(),
+           scalings.data_ptr(), y.shape[1], None if slice_offsets is None else tuple(slice_offsets),
+           None if slice_widths is None else tuple(slice_widths))
+    cached = _checked.get(key)
+    if cached is not None:
+        return cached[0]
+    check_tensor("A", A, 4, (torch.float32,))
+    check_tensor("B_t", B_t, 3, (torch.float32,))
+    num_slices, S, R, in_features = A.shape
+    check_dim("B_t", B_t, 1, R, "A's max_rank")
+    check_dim("B_t", B_t, 2, y.shape[1], "y's out_total")
+    if B_t.shape[0] < S:
+        raise ValueError(f"B_t has {B_t.shape[0]} slots but A has {S}")
+    check_pools(ranks, scalings, num_slices, S)
+    for name, t in (("A", A), ("B_t", B_t), ("ranks", ranks), ("scalings", scalings)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the CPU kernel")
+    if ranks.dtype != torch.int32 or scalings.dtype != torch.float32:
+        raise TypeError("ranks must be int32 and scalings float32")
+    offsets, widths = resolve_slices(num_slices, y.shape[1], slice_offsets, slice_widths)
+    offs = torch.tensor(list(offsets), dtype=torch.int64)
+    wids = torch.tensor(list(widths), dtype=torch.int64)
+    args = (A.data_ptr(), B_t.data_ptr(), num_slices, S, R, in_features, y.shape[1],
+            ranks.data_ptr(), scalings.data_ptr(), offs.data_ptr(), wids.data_ptr())
+    if len(_checked) > 4096:
+        _checked.clear()
+    # keep the tensors alive with the entry: their ids and pointers stay theirs while it exists
+    _checked[key] = (args, (A, B_t, ranks, scalings, offs, wids))
+    return args
+
+
+def lora_apply(
+    x: torch.Tensor,         # [T, in_features] fp32
+    y: torch.Tensor,         # [T, out_total] fp32, updated in place
+    A: torch.Tensor,         # [num_slices, S, max_rank, in_features] fp32, contiguous
+    B_t: torch.Tensor,       # [S, max_rank, out_total] fp32, contiguous
+    ranks: torch.Tensor,     # [num_slices, S] int32
+    scalings: torch.Tensor,  # [num_slices, S] fp32
+    meta: LoRAMeta,
+    slice_offsets: Sequence[int] | None = None,
+    slice_widths: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """y += LoRA(x) for every token's adapter (ops.lora_apply's semantics), in C. Returns y."""
+    if _fn is None and load() is None:
+        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    check_tensor("x", x, 2, (torch.float32,))
+    check_tensor("y", y, 2, (torch.float32,))
+    if x.device.type != "cpu" or y.device.type != "cpu":
+        raise ValueError("the CPU LoRA kernel takes CPU tensors")
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y need unit stride along features")
+    T = x.shape[0]
+    if y.shape[0] != T or T != meta.num_tokens:
+        raise ValueError(f"x has {T} tokens, y {y.shape[0]}, meta was built for {meta.num_tokens}")
+    check_dim("A", A, 3, x.shape[1], "x's in_features")
+    if A.shape[1] < meta.max_slots:
+        raise ValueError(f"A has {A.shape[1]} slots but meta addresses up to max_slots={meta.max_slots}")
+    pool = _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths)
+    segments = meta.segments
+    if segments is None:
+        raise ValueError("meta has no host segment list (built for a non-CPU device)")
+    if T == 0 or not segments:
+        return y
+    order = 0 if meta.contiguous else meta.token_order.data_ptr()
+    status = _fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool,
+                 meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(), meta.seg_len.data_ptr(), len(segments),
+                 order, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the CPU LoRA kernel could not allocate its scratch memory")
+    return y

@@ -1,0 +1,127 @@
+"""The C kernel for CPU float32 lora_apply (kernels/cpu_lora.c via kernels/native.py) against the
+torch reference: every mix of slots, ranks (rank padding NaN-poisoned, rank-0 slices with NaN
+scalings), slice layouts, token orders and segment lengths; strided y; threads; and its build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loraplex.kernels as K
+from loraplex.kernels import native, ops, reference
+from tests.kernels.cases import TOLERANCE, layout, make_problem
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
+
+
+def _expected(p):
+    v = reference.shrink_reference(p.x, p.A, p.ranks, p.slots)
+    return reference.expand_reference(v, p.B_t, p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets, p.widths)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 37, 130])
+@pytest.mark.parametrize("mix", ["distinct", "identical", "zipf", "no_adapter"])
+@pytest.mark.parametrize("num_slices", [1, 3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matches_reference(T, mix, num_slices, contiguous):
+    p, contiguous = layout(make_problem(T, 72, num_slices, mix, torch.float32, seed=T * 7 + num_slices),
+                           contiguous)
+    meta = K.LoRAMeta.allocate(256, p.A.shape[1], "cpu").update(p.slots, contiguous=contiguous)
+    y = p.y0.clone()
+    assert native.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths) is y
+    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+    untouched = ~p.touched()
+    assert torch.equal(y[untouched], p.y0[untouched])  # slot -1 tokens and rank-0 slices: bit for bit
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_give_the_same_result(threads):
+    p, _ = layout(make_problem(64, 96, 3, "zipf", torch.float32, seed=3), contiguous=False)
+    meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots)
+    torch.set_num_threads(threads)  # the kernel conftest restores it
+    y = p.y0.clone()
+    native.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    torch.set_num_threads(1)
+    y1 = p.y0.clone()
+    native.lora_apply(p.x, y1, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    assert torch.equal(y, y1)  # items own their rows: the split over threads changes no sum
+
+
+def test_strided_output_and_input_rows():
+    """y a column block of a wider output (as the fused q/k/v output is); x rows of a wider tensor."""
+    p = make_problem(9, 64, 2, "distinct", torch.float32, seed=11)
+    meta = K.LoRAMeta.allocate(16, p.A.shape[1], "cpu").update(p.slots)
+    wide_y = torch.randn(9, p.y0.shape[1] + 40)
+    wide_y[:, 20:20 + p.y0.shape[1]] = p.y0
+    wide_x = torch.randn(9, 64 + 8)
+    wide_x[:, :64] = p.x
+    before = wide_y.clone()
+    native.lora_apply(wide_x[:, :64], wide_y[:, 20:20 + p.y0.shape[1]], p.A, p.B_t, p.ranks, p.scalings, meta,
+                      p.offsets, p.widths)
+    torch.testing.assert_close(wide_y[:, 20:20 + p.y0.shape[1]], _expected(p), **TOLERANCE[torch.float32])
+    assert torch.equal(wide_y[:, :20], before[:, :20]) and torch.equal(wide_y[:, -20:], before[:, -20:])
+
+
+def test_lora_apply_picks_native_for_short_segments_only(monkeypatch):
+    calls: list[str] = []
+    real = native.lora_apply
+    monkeypatch.setattr(native, "lora_apply", lambda *a, **k: calls.append("native") or real(*a, **k))
+    for T, mix, expected in ((12, "distinct", ["native"]), (ops.NATIVE_MAX_SEGMENT + 1, "identical", [])):
+        calls.clear()
+        p, _ = layout(make_problem(T, 64, 2, mix, torch.float32, seed=2), contiguous=True)
+        meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
+        y = p.y0.clone()
+        K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+        assert calls == expected
+        torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+
+
+def test_forced_native_refuses_other_dtypes(monkeypatch):
+    monkeypatch.setenv(K.BACKEND_ENV, "native")
+    p = make_problem(4, 64, 1, "distinct", torch.float16, seed=1)
+    meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots)
+    with pytest.raises(ValueError, match="native runs float32 CPU tensors only"):
+        K.lora_apply(p.x, p.y0.clone(), p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+
+
+def test_bad_shapes_are_refused_before_the_call():
+    p = make_problem(4, 64, 2, "distinct", torch.float32, seed=1)
+    meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots)
+    with pytest.raises(ValueError, match="in_features"):
+        native.lora_apply(torch.randn(4, 65), p.y0.clone(), p.A, p.B_t, p.ranks, p.scalings, meta,
+                          p.offsets, p.widths)
+    with pytest.raises(ValueError, match="meta was built for 4"):
+        native.lora_apply(p.x[:3], p.y0[:3].clone(), p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.lora_apply(p.x, p.y0.clone(), p.A.transpose(2, 3).contiguous().transpose(2, 3), p.B_t, p.ranks,
+                          p.scalings, meta, p.offsets, p.widths)
+
+
+def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """No working compiler: one warning, available() is False, lora_apply runs the torch path."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(native, "_fn", None)
+    assert not native.available()
+    assert "no-such-cc" in native.unavailable_reason()
+    p, _ = layout(make_problem(8, 64, 2, "distinct", torch.float32, seed=3), contiguous=True)
+    meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
+    y = p.y0.clone()
+    K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+
+
+def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(native, "_fn", None)
+    assert native.available()
+    built = list((tmp_path / "native").glob("cpu_lora-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_library", None)
+    assert native.available()
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
