@@ -1,6 +1,6 @@
 """The CPU LoRA kernel in C (`cpu_lora.c`): built on first use, called through ctypes.
 
-`lora_apply` (float32, CPU) runs shrink and expand of a projection group in one call, per segment,
+`lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of a projection group in one call, per segment,
 without torch's per-matmul costs; see the C file for the loop. Measured on the 2-core dev VM, one
 thread, the 32 groups of the bench model's decode step (hidden 512 x 8 layers, 16 distinct rank-16
 adapters, 72 MiB of adapter weights): torch segment path 10.0 ms, this kernel (see
@@ -38,13 +38,15 @@ from .meta import LoRAMeta
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_lora.c")
+HEADER = Path(__file__).with_name("cpu_lora_impl.h")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 CACHE_ENV = "LORAPLEX_CACHE_DIR"
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
-_fn = None
+_fn = None  # {weight dtype: the C function}
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -69,7 +71,7 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + HEADER.read_bytes()
     digest = hashlib.sha256(source + repr((compiler, CFLAGS)).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / "native" / f"cpu_lora-{digest}.so"
     if not target.is_file():
@@ -82,10 +84,11 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)
     library = ctypes.CDLL(str(target))
-    fn = library.loraplex_lora_apply_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                   _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
+    for name in ("loraplex_lora_apply_f32", "loraplex_lora_apply_bf16"):
+        fn = getattr(library, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+                       _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
     return library
 
 
@@ -98,7 +101,8 @@ def load() -> ctypes.CDLL | None:
         if _library is None and _error is None:
             try:
                 _library = _build()
-                _fn = _library.loraplex_lora_apply_f32
+                _fn = {torch.float32: _library.loraplex_lora_apply_f32,
+                       torch.bfloat16: _library.loraplex_lora_apply_bf16}
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _error = str(exc)
                 log.warning("CPU LoRA kernel unavailable, using the torch path: %s", _error)
@@ -115,9 +119,9 @@ def unavailable_reason() -> str | None:
 
 
 def supports(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor) -> bool:
-    """Whether `lora_apply` here takes these tensors (CPU float32)."""
+    """Whether `lora_apply` here takes these tensors (CPU, float32 activations, float32 or bfloat16 pools)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32
-            and A.dtype == torch.float32 and B_t.dtype == torch.float32)
+            and A.dtype in WEIGHT_DTYPES and B_t.dtype == A.dtype)
 
 
 # Pools checked once: (id, version) of their tensors -> the pointers and sizes the call needs.
@@ -131,8 +135,8 @@ def _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths) -> tuple
     cached = _checked.get(key)
     if cached is not None:
         return cached[0]
-    check_tensor("A", A, 4, (torch.float32,))
-    check_tensor("B_t", B_t, 3, (torch.float32,))
+    check_tensor("A", A, 4, WEIGHT_DTYPES)
+    check_tensor("B_t", B_t, 3, (A.dtype,))
     num_slices, S, R, in_features = A.shape
     check_dim("B_t", B_t, 1, R, "A's max_rank")
     check_dim("B_t", B_t, 2, y.shape[1], "y's out_total")
@@ -159,8 +163,8 @@ def _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths) -> tuple
 def lora_apply(
     x: torch.Tensor,         # [T, in_features] fp32
     y: torch.Tensor,         # [T, out_total] fp32, updated in place
-    A: torch.Tensor,         # [num_slices, S, max_rank, in_features] fp32, contiguous
-    B_t: torch.Tensor,       # [S, max_rank, out_total] fp32, contiguous
+    A: torch.Tensor,         # [num_slices, S, max_rank, in_features] fp32 or bf16, contiguous
+    B_t: torch.Tensor,       # [S, max_rank, out_total] A's dtype, contiguous
     ranks: torch.Tensor,     # [num_slices, S] int32
     scalings: torch.Tensor,  # [num_slices, S] fp32
     meta: LoRAMeta,
@@ -189,7 +193,7 @@ def lora_apply(
     if T == 0 or not segments:
         return y
     order = 0 if meta.contiguous else meta.token_order.data_ptr()
-    status = _fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool,
+    status = _fn[A.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool,
                  meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(), meta.seg_len.data_ptr(), len(segments),
                  order, torch.get_num_threads())
     if status != 0:

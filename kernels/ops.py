@@ -2,11 +2,13 @@
 
     LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces a backend (read on every call)
 
-``native`` is the C kernel of ``native.py``: float32 CPU ``lora_apply`` only (shrink and expand of a
-group in one call). Unforced, ``lora_apply`` on CPU float32 uses it for steps whose segments are all
-at most ``NATIVE_MAX_SEGMENT`` tokens (decode: one matrix-vector product per adapter, where it reads
-the weights at memory bandwidth) and the torch segment path for longer segments (prefill, where
-torch's matmul is the faster GEMM); ``lora_shrink``/``lora_expand`` on CPU always use the torch path.
+``native`` is the C kernel of ``native.py``: CPU ``lora_apply`` only (shrink and expand of a group in
+one call), float32 activations with float32 or bfloat16 pools. Unforced, ``lora_apply`` on CPU
+float32 uses it for steps whose segments are all at most ``NATIVE_MAX_SEGMENT`` tokens (decode: one
+matrix-vector product per adapter, where it reads the weights at memory bandwidth) and the torch
+segment path for longer segments (prefill, where torch's matmul is the faster GEMM); bfloat16 pools
+(``--adapter-dtype bfloat16``) always take the C kernel. ``lora_shrink``/``lora_expand`` on CPU
+always use the torch path.
 
 Semantics (all backends; r = ranks[i, a], a = slot of token t, −1 = no adapter):
 
@@ -77,9 +79,10 @@ def _apply_backend(x, y, A, B_t, meta) -> str:
         return forced
     if y.device.type == "cuda":
         return "triton"
-    if (meta.segments is not None and native.supports(x, y, A, B_t) and _max_segment(meta) <= NATIVE_MAX_SEGMENT
-            and native.available()):
-        return "native"
+    if meta.segments is not None and native.supports(x, y, A, B_t) and native.available():
+        # bfloat16 pools with float32 activations: only the C kernel takes them
+        if A.dtype != x.dtype or _max_segment(meta) <= NATIVE_MAX_SEGMENT:
+            return "native"
     return "torch"
 
 

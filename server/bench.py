@@ -58,6 +58,8 @@ class BenchConfig:
     new_tokens: int = 32
     quantization: str = "none"
     dtype: str = "float32"
+    adapter_dtype: str = "auto"
+    """loraplex's LoRA storage (--adapter-dtype): auto = the model's dtype, or bfloat16."""
     device: str = "cpu"
     rounds: int = 5
     """Measured rounds; each runs every system once."""
@@ -130,6 +132,9 @@ def add_parser(subparsers) -> None:
                        help="base weights (default none)")
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default float32 on CPU, bfloat16 on CUDA")
     model.add_argument("--device", default=defaults.device, help="cpu or cuda[:N] (default cpu)")
+    model.add_argument("--adapter-dtype", choices=("auto", "bfloat16"), default=defaults.adapter_dtype,
+                       help="loraplex's LoRA weight storage, as `serve --adapter-dtype` (default auto: the "
+                       "model's dtype; bfloat16: half the bytes, float32 CPU models only)")
     adapters = parser.add_argument_group("adapters (peft LoRA, random non-zero weights)")
     adapters.add_argument("--adapters", type=int, default=defaults.num_adapters, metavar="N",
                           help=f"adapters to generate (default {defaults.num_adapters})")
@@ -194,7 +199,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         shape=shape, num_adapters=args.adapters, ranks=args.ranks, targets=args.targets,
         popularity=args.popularity, zipf_s=args.zipf_s, batch=args.batch, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, quantization=args.quantization,
-        dtype=args.dtype or ("bfloat16" if on_cuda else "float32"), device=args.device, rounds=args.rounds,
+        dtype=args.dtype or ("bfloat16" if on_cuda else "float32"), device=args.device,
+        adapter_dtype=args.adapter_dtype, rounds=args.rounds,
         warmup=args.warmup, threads=args.threads, seed=args.seed, peft=not args.no_peft, hf=not args.no_hf,
     )
 
@@ -299,7 +305,7 @@ def engine_config(config: BenchConfig, model_dir: Path, num_slots: int):
         model=ModelConfig(path=model_dir, quantization=config.quantization, dtype=config.dtype, device=config.device),
         cache=CacheConfig(block_size=16, num_tokens=max(4096, 2 * config.batch * per_request)),
         adapters=AdapterConfig(max_rank=max(config.ranks), max_device_adapters=num_slots,
-                               max_host_adapters=num_slots),
+                               max_host_adapters=num_slots, dtype=config.adapter_dtype),
         seed=config.seed,
     )
 
@@ -409,6 +415,7 @@ def bench_grpc(config: BenchConfig, address: str, adapter_ids, admin_token, log)
 def is_target_workload(config: BenchConfig) -> bool:
     default = BenchConfig()
     return replace(config, rounds=default.rounds, warmup=default.warmup, threads=default.threads,
+                   adapter_dtype=default.adapter_dtype,
                    seed=default.seed, peft=True, hf=True) == default
 
 

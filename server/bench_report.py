@@ -20,7 +20,8 @@ def bandwidth_floor(config: BenchConfig, system, adapters: dict[str, Path], summ
     import torch
 
     base = system.model_bytes()
-    element = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    stored = config.dtype if config.adapter_dtype == "auto" else config.adapter_dtype
+    element = torch.finfo(getattr(torch, stored)).bits // 8
     per_adapter = [adapter_elements(path) * element for path in adapters.values()]
     distinct = min(config.batch, len(adapters)) if config.popularity == "distinct" else None
     adapter_bytes = sum(sorted(per_adapter)[:distinct]) if distinct else None
@@ -114,7 +115,9 @@ def render(result: dict) -> str:
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['threads']} thread(s)"
     lines = [
         f"loraplex bench ({result['mode']}): Llama {shape['hidden_size']} x {shape['num_layers']} layers, "
-        f"{config['dtype']}, quantization {config['quantization']}, on {config['device']} [{where}]",
+        f"{config['dtype']}, quantization {config['quantization']}, on {config['device']} [{where}]"
+        + (f"; loraplex stores adapters in {config['adapter_dtype']}" if config.get("adapter_dtype", "auto") != "auto"
+           else ""),
         f"{config['num_adapters']} adapters, ranks {','.join(map(str, config['ranks']))}, on "
         f"{','.join(t.replace('_proj', '') for t in config['targets'])}; popularity {config['popularity']}; "
         f"batch {config['batch']}, prompt {config['prompt_len']}, {config['new_tokens']} new tokens; "

@@ -13,6 +13,7 @@ from loraplex.server.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = ("float32", "float16", "bfloat16")
+ADAPTER_DTYPES = ("auto", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class AdapterConfig:
     """If set, an unregistered adapter id is registered on first use from `<adapter_repo>/<id>/`."""
     allow_pickle: bool = False
     """Accept pickled adapter_model.bin files (arbitrary code on load: off by default)."""
+    dtype: str = "auto"
+    """How LoRA weights are stored in the device slots: "auto" (the model's dtype: exact) or
+    "bfloat16" (a float32 model on CPU only: half the bytes a decode step reads; the weights are
+    rounded to bfloat16 once, computed in float32)."""
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -79,6 +84,8 @@ class AdapterConfig:
                 f"max_host_adapters ({self.max_host_adapters}) must be >= max_device_adapters "
                 f"({self.max_device_adapters}): device slots are filled from host memory"
             )
+        if self.dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter dtype must be one of {ADAPTER_DTYPES}, got {self.dtype!r}")
         for name in ("adapter_root", "adapter_repo"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).resolve())

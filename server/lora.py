@@ -248,8 +248,11 @@ class PackedProjection(nn.Module):
 class LoRALinear(nn.Module):
     """A base projection plus each token's adapter: LoRA delta, DoRA row scale, IA3 scales."""
 
-    def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int, num_slots: int):
+    def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int, num_slots: int,
+                 vector_dtype: torch.dtype | None = None):
         super().__init__()
+        self.vector_dtype = vector_dtype or group.pool.b_t.dtype
+        """DoRA/IA3 vectors' dtype: the model's (the pools may store LoRA weights in bfloat16)."""
         self.base = base
         self.group = group
         self.slice_index = slice_index
@@ -263,7 +266,7 @@ class LoRALinear(nn.Module):
         table = getattr(self, name)
         if table is None:
             pool = self.group.pool
-            table = torch.ones(self.num_slots + 1, width, dtype=pool.b_t.dtype, device=pool.b_t.device)
+            table = torch.ones(self.num_slots + 1, width, dtype=self.vector_dtype, device=pool.b_t.device)
             setattr(self, name, table)
             if name == "ia3_in":
                 self.group.has_ia3_in = True
@@ -338,13 +341,17 @@ def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-               context: LoRAStepContext) -> dict[str, LoRALinear]:
-    """Replace every servable projection by a LoRALinear; returns module path -> its LoRALinear."""
+               context: LoRAStepContext, adapter_dtype: torch.dtype | None = None) -> dict[str, LoRALinear]:
+    """Replace every servable projection by a LoRALinear; returns module path -> its LoRALinear.
+
+    dtype: the model's (DoRA/IA3 vectors are kept in it); adapter_dtype: the LoRA pools' (default dtype).
+    """
     modules = dict(model.named_modules())
     table: dict[str, LoRALinear] = {}
     for name, paths in find_lora_targets(model):
         features = [linear_features(modules[path]) for path in paths]
-        pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank, dtype, device)
+        pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank, adapter_dtype or dtype,
+                        device)
         group = LoRAGroup(name, paths, pool, context)
         bases = [modules[path] for path in paths]
         if all(type(base) is nn.Linear and base.weight.dtype == dtype and base.weight.device == pool.a.device
@@ -352,7 +359,7 @@ def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dty
             bases = group.fuse(bases)
         for index, path in enumerate(paths):
             parent_path, _, leaf = path.rpartition(".")
-            wrapped = LoRALinear(bases[index], group, index, num_slots)
+            wrapped = LoRALinear(bases[index], group, index, num_slots, dtype)
             setattr(modules[parent_path], leaf, wrapped)
             table[path] = wrapped
     return table

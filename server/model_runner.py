@@ -101,8 +101,9 @@ class ModelRunner:
         adapters = config.adapters
         self.num_slots = adapters.max_device_adapters
         self.lora_context = LoRAStepContext()
+        self.adapter_dtype = self._adapter_dtype(adapters.dtype)
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
-                                     self.lora_context)
+                                     self.lora_context, adapter_dtype=self.adapter_dtype)
         self.base_spec = BaseModelSpec(
             targets={path: linear_features(module.base) for path, module in self.lora_table.items()},
             hidden_size=hf.hidden_size,
@@ -122,6 +123,21 @@ class ModelRunner:
                                                self.head_dim, self.dtype, self.device)
         self.max_step_tokens = 0
         self.lora_meta: LoRAMeta | None = None
+
+    def _adapter_dtype(self, name: str) -> torch.dtype:
+        """The LoRA pools' dtype: the model's, or bfloat16 for a float32 model on CPU (C kernel)."""
+        if name == "auto":
+            return self.dtype
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"--adapter-dtype {name} stores the adapters of a float32 model on CPU; "
+                             f"this model runs in {self.config.model.dtype} on {self.device.type} "
+                             "(on a GPU, serve the model itself in bfloat16)")
+        from loraplex.kernels import native
+
+        if not native.available():
+            raise ValueError(f"--adapter-dtype {name} needs the CPU LoRA kernel, which could not be built: "
+                             f"{native.unavailable_reason()}")
+        return torch.bfloat16
 
     # ------------------------------------------------------------------ sizing
     def _num_kv_blocks(self) -> int:
@@ -154,8 +170,8 @@ class ModelRunner:
             if weights is None:
                 module.group.pool.load(slot, module.slice_index, None, None, 0.0)
             else:
-                a = weights.a.to(self.device, self.dtype, non_blocking=True)
-                b = weights.b.to(self.device, self.dtype, non_blocking=True)
+                a = weights.a.to(self.device, self.adapter_dtype, non_blocking=True)
+                b = weights.b.to(self.device, self.adapter_dtype, non_blocking=True)
                 module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
             module.load_slot(slot, *(self._on_device(table.get(path))
                                      for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))

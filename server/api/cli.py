@@ -67,6 +67,9 @@ def add_parser(subparsers) -> None:
     adapters.add_argument("--allow-any-adapter-path", action="store_true",
                           help="without --adapter-root, let RegisterAdapter read any path (trusted callers only)")
     adapters.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank served (default 64)")
+    adapters.add_argument("--adapter-dtype", choices=("auto", "bfloat16"), default="auto",
+                          help="LoRA weight storage: auto = the model's dtype (exact, default); bfloat16 = half "
+                               "the bytes for a float32 model on CPU (weights rounded to bfloat16 once)")
     adapters.add_argument("--max-device-adapters", type=int, default=8, metavar="N",
                           help="device slots: distinct adapters in one step (default 8)")
     adapters.add_argument("--max-host-adapters", type=int, default=32, metavar="N",
@@ -106,7 +109,7 @@ def config_from_args(args: argparse.Namespace):
             cache=CacheConfig(num_tokens=args.kv_cache_tokens),
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                                    max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,
-                                   adapter_repo=args.adapter_repo),
+                                   adapter_repo=args.adapter_repo, dtype=args.adapter_dtype),
         )
     except ValueError as error:  # the config dataclasses name the field and the allowed values
         raise UserError(str(error)) from None

@@ -81,12 +81,13 @@ class Collected:
 
 def make_engine(model_dir: Path, *, quantization: str = "none", max_device_adapters: int = 8,
                 max_host_adapters: int = 16, max_rank: int = 64, kv_tokens: int = 8192, block_size: int = 16,
-                scheduler=None, adapter_root: Path | None = None) -> LLMEngine:
+                scheduler=None, adapter_root: Path | None = None, adapter_dtype: str = "auto") -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(path=model_dir, quantization=quantization, dtype="float32", device="cpu"),
         cache=CacheConfig(block_size=block_size, num_tokens=kv_tokens),
         adapters=AdapterConfig(max_rank=max_rank, max_device_adapters=max_device_adapters,
-                               max_host_adapters=max_host_adapters, adapter_root=adapter_root),
+                               max_host_adapters=max_host_adapters, adapter_root=adapter_root,
+                               dtype=adapter_dtype),
         scheduler=scheduler,
     )
     return LLMEngine(config)

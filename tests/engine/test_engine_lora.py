@@ -94,3 +94,39 @@ def test_other_architectures_match_peft(demo_model_factory, tmp_path, arch):
                            ignore_eos=True) for key in expected}
     run_until_done(engine)
     _assert_match(results, expected)
+
+
+def test_bfloat16_adapter_storage_matches_peft_on_the_rounded_weights(demo_model_dir, adapters):
+    """--adapter-dtype bfloat16 rounds each LoRA weight to bfloat16 once and computes in float32: the
+    mixed batch equals peft running the same adapters with their weights rounded the same way."""
+    import torch
+
+    from loraplex.kernels import native
+
+    if not native.available():
+        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
+    engine = make_engine(demo_model_dir, adapter_dtype="bfloat16")
+    pool = next(iter(engine.runner.lora_table.values())).group.pool
+    assert pool.a.dtype == torch.bfloat16 and pool.b_t.dtype == torch.bfloat16
+    expected = {}
+    for name in [None, *adapters]:
+        model = load_peft(demo_model_dir, adapters[name] if name else None)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(param.bfloat16().float())
+        for p, prompt in enumerate(PROMPTS):
+            expected[(name, p)] = oracle(model, engine.tokenizer.encode(prompt), MAX_NEW, None)
+    _assert_match(_run_mixed(engine, adapters), expected)
+
+
+def test_bfloat16_adapter_storage_is_refused_off_float32_cpu(demo_model_dir):
+    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
+    from loraplex.server.engine import LLMEngine
+
+    config = EngineConfig(model=ModelConfig(path=demo_model_dir, dtype="bfloat16", device="cpu"),
+                          cache=CacheConfig(num_tokens=256), adapters=AdapterConfig(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="stores the adapters of a float32 model on CPU; this model runs in bfloat16"):
+        LLMEngine(config)
+    with pytest.raises(ValueError, match="adapter dtype must be one of"):
+        AdapterConfig(dtype="float16")

@@ -125,3 +125,20 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_library", None)
     assert native.available()
     assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("T, mix, contiguous", [(1, "distinct", True), (16, "distinct", True), (37, "zipf", False),
+                                                (40, "identical", True)])
+def test_bfloat16_pools_match_the_widened_weights(T, mix, contiguous):
+    """bfloat16 pools (--adapter-dtype bfloat16), float32 x and y: the same as the reference run on the
+    pools widened to float32 (widening is exact), whatever the segment length (lora_apply routes them
+    all to the C kernel)."""
+    p, contiguous = layout(make_problem(T, 72, 3, mix, torch.float32, seed=T), contiguous)
+    A16, B16 = p.A.bfloat16(), p.B_t.bfloat16()
+    meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots, contiguous=contiguous)
+    y = p.y0.clone()
+    K.lora_apply(p.x, y, A16, B16, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    v = reference.shrink_reference(p.x, A16.float(), p.ranks, p.slots)
+    expected = reference.expand_reference(v, B16.float(), p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets,
+                                          p.widths)
+    torch.testing.assert_close(y, expected, **TOLERANCE[torch.float32])
