@@ -28,6 +28,11 @@
 
 #define ITEM_TOKENS 16
 #define TOKEN_BLOCK 4
+#define MAX_SLICES 16
+#define DOT_LANES 64   /* partial sums of a decode dot product (independent FMA chains) */
+#define COL_BLOCK 64   /* outputs a decode expand sums in registers at once */
+/* how far ahead of the row being read the next rows are requested (bytes) */
+#define PREFETCH_BYTES 4096
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -37,6 +42,14 @@ static inline float bf16_to_f32(uint16_t h)
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* ask for every cache line of [p, p + bytes) (into L2: it is read once, soon) */
+static inline void prefetch_span(const void *p, int64_t bytes)
+{
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < bytes; o += 64)
+        __builtin_prefetch(c + o, 0, 2);
 }
 
 #define WT float

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_lora.c")
 HEADER = Path(__file__).with_name("cpu_lora_impl.h")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+MAX_SLICES = 16  # as cpu_lora.c
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 CACHE_ENV = "LORAPLEX_CACHE_DIR"
 
@@ -196,6 +197,8 @@ def lora_apply(
     status = _fn[A.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool,
                  meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(), meta.seg_len.data_ptr(), len(segments),
                  order, torch.get_num_threads())
+    if status == -2:
+        raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SLICES} slices, got {A.shape[0]}")
     if status != 0:
         raise MemoryError("the CPU LoRA kernel could not allocate its scratch memory")
     return y
