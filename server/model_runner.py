@@ -123,6 +123,8 @@ class ModelRunner:
                                                self.head_dim, self.dtype, self.device)
         self.max_step_tokens = 0
         self.lora_meta: LoRAMeta | None = None
+        self._meta_slots: list[int] | None = None
+        """The token slots lora_meta was last built for."""
 
     def _adapter_dtype(self, name: str) -> torch.dtype:
         """The LoRA pools' dtype: the model's, or bfloat16 for a float32 model on CPU (C kernel)."""
@@ -201,11 +203,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
     def _lora_meta(self, token_slots: list[int]) -> LoRAMeta | None:
         if all(slot < 0 for slot in token_slots):
+            self._meta_slots = None
             return None
         if self.lora_meta is None or self.lora_meta.max_tokens < len(token_slots):
             # grows to the largest step seen; the scratch covers the widest group (q/k/v: 3 slices)
             self.lora_meta = LoRAMeta.allocate(max(len(token_slots), 256), self.num_slots, self.device,
                                                max_slices=3, max_rank=self.config.adapters.max_rank)
+            self._meta_slots = None
+        if token_slots == self._meta_slots:
+            # consecutive decode steps of one batch have the same layout: the meta is already right
+            return self.lora_meta
+        self._meta_slots = list(token_slots)
         return self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
 
     @torch.inference_mode()
