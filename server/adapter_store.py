@@ -284,8 +284,12 @@ class AdapterStore:
                 result[key] = entry.slot
             return result
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the loader thread and wait for it (up to `timeout` s): a read it is in the middle of
+        finishes first. An interpreter exiting while the thread still reads an adapter aborts."""
         self._queue.put(None)
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
 
     # ------------------------------------------------------------------ internals (lock held)
     def _read(self, path: Path) -> AdapterWeights:

@@ -81,12 +81,7 @@ class LoraplexSystem:
         return RunResult(seconds, times, watch.peak_growth, steps)
 
     def close(self) -> None:
-        """Stop the engine and wait for its adapter loader: a loader thread still reading an adapter
-        while the interpreter exits aborts the process."""
-        self.engine.close()
-        worker = getattr(self.engine.store, "_worker", None)
-        if worker is not None:
-            worker.join(timeout=60)
+        self.engine.close()  # also waits for the adapter loader thread
 
 
 def load_hf_model(model_dir: Path, dtype: str, quantization: str, device: str):

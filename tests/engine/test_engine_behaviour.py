@@ -225,3 +225,16 @@ def test_async_engine_streams_and_cancels(demo_model_dir, four_adapters):
         assert engine.engine.block_manager.num_free_blocks == engine.engine.initial_free_blocks
     finally:
         engine.shutdown()
+
+
+def test_close_waits_for_the_adapter_loader(demo_model_dir, four_adapters):
+    """close() returns only after the loader thread has finished the adapter it was reading."""
+    engine = make_engine(demo_model_dir, max_device_adapters=2, max_host_adapters=2)
+    for name, path in four_adapters.items():
+        engine.register_adapter(name, str(path))
+    for i, name in enumerate(four_adapters):
+        submit(engine, f"r{i}", PROMPTS[0], adapter=name, max_new_tokens=2)
+    engine.step()  # the loader starts reading adapters in the background
+    worker = engine.store._worker
+    engine.close()
+    assert not worker.is_alive()
