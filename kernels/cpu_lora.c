@@ -31,6 +31,7 @@
 #define MAX_SLICES 16
 #define DOT_LANES 64   /* partial sums of a decode dot product (independent FMA chains) */
 #define COL_BLOCK 64   /* outputs a decode expand sums in registers at once */
+#define EXP_COLS 32    /* outputs x 4 tokens a multi-token expand sums in registers at once */
 /* how far ahead of the row being read the next rows are requested (bytes) */
 #define PREFETCH_BYTES 4096
 #define CAT_(a, b) a##_##b

@@ -5,33 +5,46 @@
  * x, y, v and every sum are float32 in both.
  */
 
-/* v[t * ldv + j] = dot(A row j, x_t) for j < r and the nt tokens xr[0..nt). A's r rows are one
- * contiguous block, read row after row (one stream for the prefetchers), PREFETCH_BYTES ahead. */
+/* v[t * ldv + j] = dot(A row j, x_t) for j < r and the nt tokens xr[0..nt); A's r rows are one
+ * contiguous block. */
 static void FN(shrink_rows)(const WT *a, int64_t in, int r, const float *const *xr, int nt, float *v, int ldv)
 {
     const int64_t row_bytes = in * (int64_t)sizeof(WT);
-    for (int j = 0; j < r; j++) {
-        const WT *row = a + (int64_t)j * in;
-        prefetch_span((const char *)row + PREFETCH_BYTES, row_bytes);
-        int t = 0;
-        for (; t + TOKEN_BLOCK <= nt; t += TOKEN_BLOCK) {  /* a row loaded once serves 4 tokens */
-            const float *x0 = xr[t], *x1 = xr[t + 1], *x2 = xr[t + 2], *x3 = xr[t + 3];
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    int t = 0;
+    /* blocks of 4 tokens x 4 rows: 16 sums in registers, each weight and x value loaded once per block */
+    for (; t + TOKEN_BLOCK <= nt; t += TOKEN_BLOCK) {
+        const float *x0 = xr[t], *x1 = xr[t + 1], *x2 = xr[t + 2], *x3 = xr[t + 3];
+        int j = 0;
+        for (; j < r; j += 4) {
+            const int nj = r - j < 4 ? r - j : 4;
+            const WT *r0 = a + (int64_t)j * in;
+            const WT *r1 = nj > 1 ? r0 + in : r0, *r2 = nj > 2 ? r0 + 2 * in : r0, *r3 = nj > 3 ? r0 + 3 * in : r0;
+            prefetch_span((const char *)r0 + PREFETCH_BYTES, 4 * row_bytes);
+            float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+            float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
             for (int64_t k = 0; k < in; k++) {
-                float w = LOADW(row[k]);
-                s0 += w * x0[k];
-                s1 += w * x1[k];
-                s2 += w * x2[k];
-                s3 += w * x3[k];
+                const float w0 = LOADW(r0[k]), w1 = LOADW(r1[k]), w2 = LOADW(r2[k]), w3 = LOADW(r3[k]);
+                const float y0 = x0[k], y1 = x1[k], y2 = x2[k], y3 = x3[k];
+                s00 += w0 * y0; s01 += w1 * y0; s02 += w2 * y0; s03 += w3 * y0;
+                s10 += w0 * y1; s11 += w1 * y1; s12 += w2 * y1; s13 += w3 * y1;
+                s20 += w0 * y2; s21 += w1 * y2; s22 += w2 * y2; s23 += w3 * y2;
+                s30 += w0 * y3; s31 += w1 * y3; s32 += w2 * y3; s33 += w3 * y3;
             }
-            v[(t + 0) * ldv + j] = s0;
-            v[(t + 1) * ldv + j] = s1;
-            v[(t + 2) * ldv + j] = s2;
-            v[(t + 3) * ldv + j] = s3;
+            const float sums[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13},
+                                      {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+            for (int u = 0; u < 4; u++)
+                for (int q = 0; q < nj; q++)
+                    v[(t + u) * ldv + j + q] = sums[u][q];
         }
-        for (; t < nt; t++) {  /* decode: DOT_LANES partial sums, independent FMA chains */
-            const float *x0 = xr[t];
+    }
+    /* the last tokens (decode: the only one): each row once, DOT_LANES partial sums (independent
+     * FMA chains); rows in order, one stream for the prefetchers, PREFETCH_BYTES ahead */
+    for (; t < nt; t++) {
+        const float *x0 = xr[t];
+        for (int j = 0; j < r; j++) {
+            const WT *row = a + (int64_t)j * in;
+            prefetch_span((const char *)row + PREFETCH_BYTES, row_bytes);
             float part[DOT_LANES] = {0.f};
             int64_t k = 0;
             for (; k + DOT_LANES <= in; k += DOT_LANES) {
@@ -94,63 +107,55 @@ static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, 
         }
         return;
     }
-    int rmax = 0;
-    for (int64_t i = 0; i < num_slices; i++)
-        if (rank[i] > rmax)
-            rmax = rank[i];
-    for (int t = 0; t < nt; t += TOKEN_BLOCK) {
-        int nb = nt - t < TOKEN_BLOCK ? nt - t : TOKEN_BLOCK;
-        for (int64_t i = 0; i < num_slices; i++)
-            if (rank[i] > 0)
-                for (int u = 0; u < nb; u++)
-                    memset(acc + u * out_total + offsets[i], 0, sizeof(float) * (size_t)widths[i]);
-        for (int j = 0; j < rmax; j++) {
-            const WT *row = b + (int64_t)j * out_total;
-            for (int64_t i = 0; i < num_slices; i++)
-                if (rank[i] > j + 1)
-                    prefetch_span(row + out_total + offsets[i], widths[i] * (int64_t)sizeof(WT));
-            for (int64_t i = 0; i < num_slices; i++) {
-                if (rank[i] <= j)
-                    continue;
-                const WT *bi = row + offsets[i];
-                const int64_t w = widths[i];
-                const float *vi = v + (i * ITEM_TOKENS + t) * R + j;
-                float *a0 = acc + offsets[i];
-                if (nb == TOKEN_BLOCK) {
-                    float *a1 = a0 + out_total, *a2 = a1 + out_total, *a3 = a2 + out_total;
-                    float c0 = vi[0], c1 = vi[R], c2 = vi[2 * R], c3 = vi[3 * R];
+    /* more tokens: blocks of 4 tokens x EXP_COLS outputs summed in registers over the rank; a row
+     * chunk of B loaded once serves 4 tokens */
+    for (int64_t i = 0; i < num_slices; i++) {
+        const int r = rank[i];
+        if (r <= 0)
+            continue;
+        const WT *bi = b + offsets[i];
+        const float s = scale[i];
+        const int64_t w = widths[i];
+        for (int t = 0; t < nt; t += TOKEN_BLOCK) {
+            const int nb = nt - t < TOKEN_BLOCK ? nt - t : TOKEN_BLOCK;
+            const float *v0 = v + (i * ITEM_TOKENS + t) * R;
+            const float *v1 = nb > 1 ? v0 + R : v0, *v2 = nb > 2 ? v0 + 2 * R : v0, *v3 = nb > 3 ? v0 + 3 * R : v0;
+            int64_t o = 0;
+            for (; o + EXP_COLS <= w; o += EXP_COLS) {
+                float c0[EXP_COLS] = {0.f}, c1[EXP_COLS] = {0.f}, c2[EXP_COLS] = {0.f}, c3[EXP_COLS] = {0.f};
+                for (int j = 0; j < r; j++) {
+                    const WT *bj = bi + (int64_t)j * out_total + o;
+                    const float u0 = v0[j], u1 = v1[j], u2 = v2[j], u3 = v3[j];
 #pragma omp simd
-                    for (int64_t o = 0; o < w; o++) {
-                        float bv = LOADW(bi[o]);
-                        a0[o] += c0 * bv;
-                        a1[o] += c1 * bv;
-                        a2[o] += c2 * bv;
-                        a3[o] += c3 * bv;
+                    for (int l = 0; l < EXP_COLS; l++) {
+                        const float bv = LOADW(bj[l]);
+                        c0[l] += u0 * bv;
+                        c1[l] += u1 * bv;
+                        c2[l] += u2 * bv;
+                        c3[l] += u3 * bv;
                     }
-                } else {
-                    for (int u = 0; u < nb; u++) {
-                        float c = vi[u * R];
-                        float *au = a0 + u * out_total;
+                }
+                float *const cs[4] = {c0, c1, c2, c3};
+                for (int u = 0; u < nb; u++) {
+                    float *yt = yr[t + u] + offsets[i] + o;
+                    const float *cu = cs[u];
 #pragma omp simd
-                        for (int64_t o = 0; o < w; o++)
-                            au[o] += c * LOADW(bi[o]);
-                    }
+                    for (int l = 0; l < EXP_COLS; l++)
+                        yt[l] += s * cu[l];
+                }
+            }
+            for (; o < w; o++) {
+                const float *vs[4] = {v0, v1, v2, v3};
+                for (int u = 0; u < nb; u++) {
+                    float sum = 0.f;
+                    for (int j = 0; j < r; j++)
+                        sum += vs[u][j] * LOADW(bi[(int64_t)j * out_total + o]);
+                    yr[t + u][offsets[i] + o] += s * sum;
                 }
             }
         }
-        for (int64_t i = 0; i < num_slices; i++) {
-            if (rank[i] <= 0)
-                continue;
-            const float s = scale[i];
-            for (int u = 0; u < nb; u++) {
-                float *yt = yr[t + u] + offsets[i];
-                const float *au = acc + u * out_total + offsets[i];
-#pragma omp simd
-                for (int64_t o = 0; o < widths[i]; o++)
-                    yt[o] += s * au[o];
-            }
-        }
     }
+    (void)acc;
 }
 
 /* Returns 0; -1 when scratch memory could not be allocated (y then partly updated: callers treat

@@ -5,8 +5,8 @@
 ``native`` is the C kernel of ``native.py``: CPU ``lora_apply`` only (shrink and expand of a group in
 one call), float32 activations with float32 or bfloat16 pools. Unforced, ``lora_apply`` on CPU
 float32 uses it for steps whose segments are all at most ``NATIVE_MAX_SEGMENT`` tokens (decode: one
-matrix-vector product per adapter, where it reads the weights at memory bandwidth) and the torch
-segment path for longer segments (prefill, where torch's matmul is the faster GEMM); bfloat16 pools
+matrix-vector product per adapter, read at memory bandwidth; prefill chunks) and the torch segment
+path for longer segments (long prefills, where torch's matmul is a well-tuned GEMM); bfloat16 pools
 (``--adapter-dtype bfloat16``) always take the C kernel. ``lora_shrink``/``lora_expand`` on CPU
 always use the torch path.
 
@@ -40,9 +40,11 @@ from .meta import LoRAMeta
 
 BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
 BACKENDS = ("triton", "native", "torch", "reference")
-# Longest segment (tokens of one adapter in a step) that the unforced CPU lora_apply gives to the C
-# kernel; longer ones are GEMMs, which torch's matmul runs faster (docs/benchmarks.md).
-NATIVE_MAX_SEGMENT = 16
+# Longest segment (tokens of one adapter in a step) that the unforced CPU float32 lora_apply gives to
+# the C kernel; longer ones go to torch's matmul. Measured on the 2-core VM (docs/benchmarks.md), the
+# C kernel was as fast or faster up to 128-token segments (32 groups, 16 adapters: 16-token step
+# 4.2-6.8 vs 10-11 ms; 32-token segments 38 vs 48 ms; 128-token segments 129 vs 137 ms).
+NATIVE_MAX_SEGMENT = 128
 
 
 def _forced_backend() -> str:

@@ -69,7 +69,7 @@ def test_lora_apply_picks_native_for_short_segments_only(monkeypatch):
     for T, mix, expected in ((12, "distinct", ["native"]), (ops.NATIVE_MAX_SEGMENT + 1, "identical", [])):
         calls.clear()
         p, _ = layout(make_problem(T, 64, 2, mix, torch.float32, seed=2), contiguous=True)
-        meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
+        meta = K.LoRAMeta.allocate(256, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
         y = p.y0.clone()
         K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
         assert calls == expected
