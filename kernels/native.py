@@ -1,13 +1,12 @@
 """The CPU LoRA kernel in C (`cpu_lora.c`): built on first use, called through ctypes.
 
-`lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of a projection group in one call, per segment,
-without torch's per-matmul costs; see the C file for the loop. Measured on the 2-core dev VM, one
-thread, the 32 groups of the bench model's decode step (hidden 512 x 8 layers, 16 distinct rank-16
-adapters, 72 MiB of adapter weights): torch segment path 10.0 ms, this kernel (see
-docs/benchmarks.md for the current numbers).
+`lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of a
+projection group in one call, per segment, without torch's per-matmul costs; see the C file for the
+loops and docs/benchmarks.md for the measurements.
 
 Build: the C compiler (``$CC``, else ``cc``) compiles the source with ``-O3 -march=native -fopenmp``
-into ``$LORAPLEX_CACHE_DIR/native`` (default ``~/.cache/loraplex/native``), under a name hashed from
+into ``cache_dir()/native`` (``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``, else
+``~/.cache/loraplex``), under a name hashed from
 the source, the flags and this CPU's model and feature flags, so a cache shared by different CPUs
 never loads a binary built for another one. Written to a temporary name and renamed: processes
 building at once each get a whole file. No compiler, or a failed build: logged once, and callers
@@ -41,7 +40,9 @@ SOURCE = Path(__file__).with_name("cpu_lora.c")
 HEADER = Path(__file__).with_name("cpu_lora_impl.h")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_SLICES = 16  # as cpu_lora.c
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11") + (
+    # full-width AVX-512 where there is any (gcc otherwise prefers 256-bit vectors on Intel)
+    ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 CACHE_ENV = "LORAPLEX_CACHE_DIR"
 
 _lock = threading.Lock()
@@ -64,8 +65,12 @@ def _cpu_signature() -> str:
 
 
 def cache_dir() -> Path:
+    """$LORAPLEX_CACHE_DIR, else $XDG_CACHE_HOME/loraplex, else ~/.cache/loraplex."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "loraplex"
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
 
 
 def _build() -> ctypes.CDLL:
