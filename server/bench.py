@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from loraplex.server.api.cli import check_adapter_dtype
 from loraplex.server.bench_report import bandwidth_floor, machine_info, render, render_scale
 from loraplex.server.bench_workload import ALL_PROJECTIONS, POPULARITY_LAWS, ModelShape
 from loraplex.server.errors import UserError
@@ -195,12 +196,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                            num_heads=args.heads, num_kv_heads=args.kv_heads, vocab_size=args.vocab)
     except ValueError as error:
         raise UserError(str(error)) from None
+    dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
+    check_adapter_dtype(args.adapter_dtype, dtype, args.device)
     return BenchConfig(
         shape=shape, num_adapters=args.adapters, ranks=args.ranks, targets=args.targets,
         popularity=args.popularity, zipf_s=args.zipf_s, batch=args.batch, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, quantization=args.quantization,
-        dtype=args.dtype or ("bfloat16" if on_cuda else "float32"), device=args.device,
-        adapter_dtype=args.adapter_dtype, rounds=args.rounds,
+        dtype=dtype, device=args.device, adapter_dtype=args.adapter_dtype, rounds=args.rounds,
         warmup=args.warmup, threads=args.threads, seed=args.seed, peft=not args.no_peft, hf=not args.no_hf,
     )
 

@@ -177,6 +177,7 @@ def test_serve_refuses_bad_flags_in_one_line(demo_model_dir, tmp_path, capsys):
         (["--max-queued-requests", "0"], "--max-queued-requests must be >= 1"),
         (["--adapter-root", str(tmp_path / "missing")], "is not a directory"),
         (["--quantization", "none", "--max-device-adapters", "4", "--max-host-adapters", "2"], "max_host_adapters"),
+        (["--dtype", "bfloat16", "--adapter-dtype", "bfloat16"], "--adapter-dtype bfloat16 is for a float32 model on CPU"),
     ):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
