@@ -247,6 +247,9 @@ class LLMEngine:
         started = time.perf_counter()
         self._drain_inbox()
         self._fail_broken_adapters()
+        if self.scheduler.num_waiting:
+            # requests are queued: KV blocks may be short, so no idle adapter keeps its prefix cached
+            self._release_idle_prefixes(keep_cached=False)
         out = self.scheduler.schedule(self._adapter_ready)
         self.num_preemptions += len(out.preempted)
         if not out.scheduled:
@@ -307,20 +310,27 @@ class LLMEngine:
             return True
         weights = self.store.host_weights(key)
         needed = self.block_manager.blocks_for(prefix.num_positions)
+        if weights is not None and self.block_manager.num_free_blocks < needed:
+            self._release_idle_prefixes(keep_cached=False)
         if weights is None or self.block_manager.num_free_blocks < needed:
             return False
         prefix.blocks = self.block_manager.allocate_blocks(needed)
         self.runner.write_prefix(prefix.blocks, weights.prefix_kv)
         return True
 
-    def _release_idle_prefixes(self) -> None:
-        """Free the prefix blocks of adapters that no live request uses and that left the device tier."""
+    def _release_idle_prefixes(self, keep_cached: bool = True) -> None:
+        """Free the prefix blocks of adapters that no live request uses.
+
+        keep_cached: an idle adapter that still holds a device slot keeps its blocks (its next request
+        reuses them without rewriting); False when KV blocks are wanted (requests waiting, or a prefix
+        that does not fit): then every idle adapter's blocks go back to the pool.
+        """
         with self._lock:
             live = {seq.adapter_id for seq in self._sequences.values()}
             for key, prefix in list(self._prefixes.items()):
                 if key in live:
                     continue
-                if prefix.blocks is not None and not self.store.has_slot(key):
+                if prefix.blocks is not None and not (keep_cached and self.store.has_slot(key)):
                     self.block_manager.free_blocks(prefix.blocks)
                     prefix.blocks = None
                 if prefix.blocks is None:

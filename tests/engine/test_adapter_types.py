@@ -189,3 +189,23 @@ def test_adapters_made_by_loraplex_train_match_peft_alone_and_mixed(demo_model_d
         alone = submit(engine, f"alone-{name}", PROMPTS[0], adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
         run_until_done(engine)
         assert alone.token_ids == expected[(name, 0)][0], name
+
+
+def test_idle_prefix_blocks_are_released_when_requests_need_the_kv_cache(demo_model_dir, peft_adapters):
+    """An idle prefix adapter that still holds a device slot keeps its blocks cached, but gives them
+    back as soon as requests are waiting for KV blocks."""
+    engine = make_engine(demo_model_dir, block_size=8, kv_tokens=64)  # 8 blocks
+    engine.register_adapter("prefix", str(peft_adapters["prefix-projection"]))  # 20 virtual tokens: 3 blocks
+    first = submit(engine, "prefix-request", [5, 6, 7], adapter="prefix", max_new_tokens=4, ignore_eos=True)
+    run_until_done(engine)
+    bm = engine.block_manager
+    assert bm.num_used_blocks == 3  # cached for the adapter's next request while it holds a slot
+    # 48 prompt tokens + 8 new: 7 blocks, more than the 5 left beside the cached prefix
+    base = submit(engine, "base", list(range(10, 58)), max_new_tokens=8, ignore_eos=True)
+    assert run_until_done(engine, max_steps=200) < 200
+    assert base.final.finish_reason == "length" and len(base.token_ids) == 8
+    assert bm.num_free_blocks == engine.initial_free_blocks
+    # the adapter still works: its prefix is written again on its next request
+    again = submit(engine, "prefix-again", [5, 6, 7], adapter="prefix", max_new_tokens=4, ignore_eos=True)
+    run_until_done(engine)
+    assert again.final.finish_reason == "length" and again.token_ids == first.token_ids
