@@ -8,7 +8,8 @@
 4. Print each answer beside its adapter, the batch statistics from the /metrics endpoint, and where
    to scrape it; with --serve, keep serving until Ctrl-C.
 
-Cached builds live in directories named after their settings (model-p300, adapters-p300-t100), each
+Cached builds live in directories named after their settings and the data they were built from
+(model-p300-<hash>, adapters-p300-t100-<hash>; see `data_version`), each
 written under a temporary name and renamed when complete, so an interrupted run never leaves a
 half-built cache behind and different settings do not overwrite each other.
 """
@@ -77,10 +78,27 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def data_version() -> str:
+    """A short hash of what the demo builds from (the bundled corpus, the demo datasets and the
+    package version): cache directories carry it, so an upgrade never serves a stale cached build."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    data = resources.files("loraplex.server.data")
+    for name in ("corpus.txt", *(f"{adapter}.jsonl" for adapter in ADAPTERS)):
+        digest.update(data.joinpath(name).read_bytes())
+    try:
+        digest.update(version("loraplex").encode())
+    except PackageNotFoundError:
+        pass
+    return digest.hexdigest()[:8]
+
+
 def ensure_model(cache: Path, pretrain_steps: int, log=_log) -> Path:
     from loraplex.server.demo_model import build_demo_model
 
-    model = cache / f"model-p{pretrain_steps}"
+    model = cache / f"model-p{pretrain_steps}-{data_version()}"
     if (model / SPEC_FILE).is_file():
         log(f"demo model: cached in {model}")
         return model
@@ -95,7 +113,7 @@ def ensure_adapters(cache: Path, model: Path, pretrain_steps: int, train_steps: 
     from loraplex.server.train import TrainConfig, train
     from loraplex.server.train.trainer import SUMMARY_FILE
 
-    root = cache / f"adapters-p{pretrain_steps}-t{train_steps}"
+    root = cache / f"adapters-p{pretrain_steps}-t{train_steps}-{data_version()}"
     root.mkdir(parents=True, exist_ok=True)
     for name in ADAPTERS:
         out = root / name

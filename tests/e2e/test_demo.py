@@ -32,6 +32,7 @@ def test_demo_runs_to_completion_and_reuses_its_cache(tmp_path):
     model = demo.ensure_model(cache, 0, log=logged.append)
     demo.ensure_adapters(cache, model, 0, 3, log=logged.append)
     assert logged == [f"demo model: cached in {model}"] + [
-        f"adapter {name}: cached in {cache / 'adapters-p0-t3' / name}" for name in demo.ADAPTERS
+        f"adapter {name}: cached in {cache / f'adapters-p0-t3-{demo.data_version()}' / name}"
+        for name in demo.ADAPTERS
     ]
     assert not list(cache.glob("**/*.partial"))
