@@ -5,9 +5,9 @@
  *     v[t, :r]               = x[t] @ A[i, slot, :r]^T                    (shrink, fp32)
  *     y[t, off_i : off_i+w_i] += scale[i, slot] * (v[t, :r] @ B_t[slot, :r, off_i : off_i+w_i])
  *
- * the same math as kernels/ops.py's lora_apply, with v kept in a per-thread buffer instead of
- * memory. Only the first r rows of a slot are read; tokens outside every segment (slot -1) and
- * rank-0 slices leave y untouched.
+ * the same math as kernels/ops.py's lora_apply, with v in a small per-thread buffer instead of a
+ * [slices, T, R] tensor. Only the first r rows of a slot are read; tokens outside every segment
+ * (slot -1) and rank-0 slices leave y untouched.
  *
  * Why: a decode step reads every adapter's weights once to multiply them by one token (a matrix-
  * vector product per adapter). torch's batched matmul packs its operands first and pays a fixed

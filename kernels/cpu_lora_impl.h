@@ -65,13 +65,11 @@ static void FN(shrink_rows)(const WT *a, int64_t in, int r, const float *const *
 
 /* Expand for every slice of one slot:
  *   y_t[off_i : off_i + w_i] += scale_i * (v_i[t, :r_i] @ B_t[slot, :r_i, off_i : off_i + w_i])
- * v_i for token t at v[(i * ITEM_TOKENS + t) * R]; acc: TOKEN_BLOCK * out_total scratch.
- * One token (decode): COL_BLOCK outputs at a time, summed over the rank in registers. More tokens:
- * B_t[slot]'s rows in order (row j holds every slice's columns side by side), each row used by every
- * slice whose rank exceeds j and by 4 tokens at once, sums in acc. */
+ * v_i for token t at v[(i * ITEM_TOKENS + t) * R]. One token (decode): COL_BLOCK outputs at a time,
+ * summed over the rank in registers. More tokens: blocks of 4 tokens x EXP_COLS outputs. */
 static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, const int *rank,
                             const int64_t *offsets, const int64_t *widths, const float *scale, const float *v,
-                            int64_t R, float *const *yr, int nt, float *acc)
+                            int64_t R, float *const *yr, int nt)
 {
     if (nt == 1) {
         for (int64_t i = 0; i < num_slices; i++) {
@@ -155,7 +153,6 @@ static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, 
             }
         }
     }
-    (void)acc;
 }
 
 /* Returns 0; -1 when scratch memory could not be allocated (y then partly updated: callers treat
@@ -192,7 +189,7 @@ int FN(loraplex_lora_apply)(
 
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
-        float *v = (float *)malloc(sizeof(float) * (size_t)(num_slices * ITEM_TOKENS * R + TOKEN_BLOCK * out_total));
+        float *v = (float *)malloc(sizeof(float) * (size_t)(num_slices * ITEM_TOKENS * R));
         if (!v) {
 #pragma omp atomic write
             failed = 1;
@@ -201,7 +198,6 @@ int FN(loraplex_lora_apply)(
         for (int64_t it = 0; it < num_items; it++) {
             if (!v)
                 continue;
-            float *acc = v + num_slices * ITEM_TOKENS * R;
             int64_t seg = items[3 * it], pos = items[3 * it + 1];
             int nt = (int)items[3 * it + 2];
             int64_t slot = seg_slot[seg];
@@ -228,7 +224,7 @@ int FN(loraplex_lora_apply)(
             }
             if (any)
                 FN(expand_slot)(B_t + slot * R * out_total, out_total, num_slices, rank, offsets, widths, scale, v, R,
-                                yr, nt, acc);
+                                yr, nt);
         }
         free(v);
     }
