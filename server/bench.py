@@ -28,9 +28,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from loraplex.server.api.cli import check_adapter_dtype
 from loraplex.server.bench_report import bandwidth_floor, machine_info, render, render_scale
 from loraplex.server.bench_workload import ALL_PROJECTIONS, POPULARITY_LAWS, ModelShape
+from loraplex.server.config import check_adapter_dtype
 from loraplex.server.errors import UserError
 
 # Targets of the CPU workload (the defaults): issue 7.
@@ -197,7 +197,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     except ValueError as error:
         raise UserError(str(error)) from None
     dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
-    check_adapter_dtype(args.adapter_dtype, dtype, args.device)
+    try:
+        check_adapter_dtype(args.adapter_dtype, dtype, args.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     return BenchConfig(
         shape=shape, num_adapters=args.adapters, ranks=args.ranks, targets=args.targets,
         popularity=args.popularity, zipf_s=args.zipf_s, batch=args.batch, prompt_len=args.prompt_len,

@@ -55,6 +55,22 @@ class CacheConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
+def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
+    """Raise ValueError unless `adapter_dtype` can store the adapters of a `dtype` model on `device`:
+    "auto" always; "bfloat16" for a float32 model on CPU, with the C kernel built (the only path that
+    takes bfloat16 pools with float32 activations)."""
+    if adapter_dtype == "auto":
+        return
+    if device.split(":")[0] != "cpu" or dtype != "float32":
+        raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
+                         f"{device} (on a GPU, serve the model itself in bfloat16)")
+    from loraplex.kernels import native
+
+    if not native.available():
+        raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
+                         f"{native.unavailable_reason()}")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     max_rank: int = 64

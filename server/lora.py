@@ -249,9 +249,9 @@ class LoRALinear(nn.Module):
     """A base projection plus each token's adapter: LoRA delta, DoRA row scale, IA3 scales."""
 
     def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int, num_slots: int,
-                 vector_dtype: torch.dtype | None = None):
+                 vector_dtype: torch.dtype):
         super().__init__()
-        self.vector_dtype = vector_dtype or group.pool.b_t.dtype
+        self.vector_dtype = vector_dtype
         """DoRA/IA3 vectors' dtype: the model's (the pools may store LoRA weights in bfloat16)."""
         self.base = base
         self.group = group

@@ -16,7 +16,7 @@ import torch
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server import attention
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
-from loraplex.server.config import EngineConfig
+from loraplex.server.config import EngineConfig, check_adapter_dtype
 from loraplex.server.errors import UserError
 from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
 from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
@@ -128,18 +128,8 @@ class ModelRunner:
 
     def _adapter_dtype(self, name: str) -> torch.dtype:
         """The LoRA pools' dtype: the model's, or bfloat16 for a float32 model on CPU (C kernel)."""
-        if name == "auto":
-            return self.dtype
-        if self.device.type != "cpu" or self.dtype != torch.float32:
-            raise ValueError(f"--adapter-dtype {name} stores the adapters of a float32 model on CPU; "
-                             f"this model runs in {self.config.model.dtype} on {self.device.type} "
-                             "(on a GPU, serve the model itself in bfloat16)")
-        from loraplex.kernels import native
-
-        if not native.available():
-            raise ValueError(f"--adapter-dtype {name} needs the CPU LoRA kernel, which could not be built: "
-                             f"{native.unavailable_reason()}")
-        return torch.bfloat16
+        check_adapter_dtype(name, self.config.model.dtype, self.device.type)
+        return self.dtype if name == "auto" else DTYPES[name]
 
     # ------------------------------------------------------------------ sizing
     def _num_kv_blocks(self) -> int:

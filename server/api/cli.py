@@ -85,26 +85,11 @@ def parse_adapter(text: str) -> tuple[str, str]:
     return adapter_id, str(Path(path).resolve())
 
 
-def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
-    """--adapter-dtype bfloat16 needs a float32 model on CPU and the C kernel (refused here, before
-    the model is loaded, with the reason)."""
-    if adapter_dtype == "auto":
-        return
-    if device != "cpu" or dtype != "float32":
-        raise UserError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
-                        f"{device} (on a GPU, serve the model itself in bfloat16)")
-    from loraplex.kernels import native
-
-    if not native.available():
-        raise UserError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
-                        f"{native.unavailable_reason()}")
-
-
 def config_from_args(args: argparse.Namespace):
     import torch
 
     from loraplex.server.api.config import ServerConfig
-    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
+    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig, check_adapter_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -114,11 +99,11 @@ def config_from_args(args: argparse.Namespace):
                            "float16" if on_cuda else "float32")
     if not args.model.is_dir():
         raise UserError(f"--model {args.model} is not a directory")
-    check_adapter_dtype(args.adapter_dtype, dtype, device)
     for flag, path in (("--adapter-root", args.adapter_root), ("--adapter-repo", args.adapter_repo)):
         if path is not None and not path.is_dir():
             raise UserError(f"{flag} {path} is not a directory")
     try:
+        check_adapter_dtype(args.adapter_dtype, dtype, device)  # refused before the model loads
         engine = EngineConfig(
             model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
                               dtype=dtype, device=device),

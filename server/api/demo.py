@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -78,6 +79,7 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+@functools.cache
 def data_version() -> str:
     """A short hash of what the demo builds from (the bundled corpus, the demo datasets and the
     package version): cache directories carry it, so an upgrade never serves a stale cached build."""

@@ -126,7 +126,7 @@ def test_bfloat16_adapter_storage_is_refused_off_float32_cpu(demo_model_dir):
 
     config = EngineConfig(model=ModelConfig(path=demo_model_dir, dtype="bfloat16", device="cpu"),
                           cache=CacheConfig(num_tokens=256), adapters=AdapterConfig(dtype="bfloat16"))
-    with pytest.raises(ValueError, match="stores the adapters of a float32 model on CPU; this model runs in bfloat16"):
+    with pytest.raises(ValueError, match="is for a float32 model on CPU, got --dtype bfloat16 on cpu"):
         LLMEngine(config)
     with pytest.raises(ValueError, match="adapter dtype must be one of"):
         AdapterConfig(dtype="float16")
