@@ -68,3 +68,123 @@ static inline void prefetch_span(const void *p, int64_t bytes)
 #undef WT
 #undef LOADW
 #undef FN
+
+/* ------------------------------------------------------------------------------------------------
+ * The base projections' GEMM, y[M, N] = x[M, K] @ W^T + bias, float32, for the fused groups of a
+ * float32 CPU model (server/lora.py). W is kept in panels of PANEL output columns,
+ *
+ *     Wp[p][k][c] = W[p * PANEL + c][k]     P = ceil(N / PANEL) rounded up to even, zero beyond N
+ *
+ * so that one vector load gives PANEL columns' weights for one k. The x rows are copied once per call
+ * into blocks of RB rows transposed ([K][RB], zero rows past M), and a register block of RB rows x
+ * 2 panels (2 * RB vector accumulators) runs over k: per k, two weight loads and RB broadcasts feed
+ * 2 * RB FMAs. Threads split the panel pairs; every row block of a pair reuses its weights from cache,
+ * so W is read from memory once per call.
+ *
+ * Why: a decode step multiplies ~16 rows by every weight once; oneDNN's packed GEMM reached 6 GB/s
+ * of weights there on the 2-core VM, this loop 9-17 GB/s (docs/benchmarks.md); for prefill-sized
+ * M (hundreds of rows) it runs at 0.9-0.95 of oneDNN.
+ * ------------------------------------------------------------------------------------------------ */
+typedef float vpanel __attribute__((vector_size(64)));
+#define PANEL 16
+#ifndef GEMM_PREFETCH
+#define GEMM_PREFETCH 8192 /* bytes ahead in a panel's stream */
+#endif
+
+static inline vpanel vload(const float *p)
+{
+    vpanel v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* the first n (<= PANEL) values of p, zeros after */
+static inline vpanel vload_n(const float *p, int n)
+{
+    vpanel v = {0};
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+}
+
+static inline void vstore_n(float *p, vpanel v, int n)
+{
+    memcpy(p, &v, sizeof(float) * (size_t)n);
+}
+
+/* RB rows (xt: [K][RB]) x panels w0, w1; stores rows [0, mm) of columns [0, n0) and [PANEL, PANEL + n1) */
+#define GEMM_BLOCK(RBN)                                                                                   \
+    static void gemm_block_##RBN(const float *xt, int64_t K, const float *w0, const float *w1,           \
+                                 const float *bias, float *y, int64_t ldy, int mm, int n0, int n1)        \
+    {                                                                                                     \
+        vpanel a0[RBN], a1[RBN];                                                                          \
+        for (int m = 0; m < RBN; m++) {                                                                   \
+            a0[m] = (vpanel){0};                                                                          \
+            a1[m] = (vpanel){0};                                                                          \
+        }                                                                                                 \
+        for (int64_t k = 0; k < K; k++) {                                                                 \
+            const vpanel wa = vload(w0 + k * PANEL), wb = vload(w1 + k * PANEL);                          \
+            __builtin_prefetch((const char *)(w0 + k * PANEL) + GEMM_PREFETCH, 0, 2);                     \
+            __builtin_prefetch((const char *)(w1 + k * PANEL) + GEMM_PREFETCH, 0, 2);                     \
+            const float *xk = xt + k * RBN;                                                               \
+            _Pragma("GCC unroll 16") for (int m = 0; m < RBN; m++)                                        \
+            {                                                                                             \
+                const float xv = xk[m];                                                                   \
+                a0[m] += xv * wa;                                                                         \
+                a1[m] += xv * wb;                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        const vpanel b0 = bias ? vload_n(bias, n0) : (vpanel){0};                                         \
+        const vpanel b1 = bias && n1 ? vload_n(bias + PANEL, n1) : (vpanel){0};                           \
+        for (int m = 0; m < mm; m++) {                                                                    \
+            vstore_n(y + m * ldy, a0[m] + b0, n0);                                                        \
+            if (n1)                                                                                       \
+                vstore_n(y + m * ldy + PANEL, a1[m] + b1, n1);                                            \
+        }                                                                                                 \
+    }
+GEMM_BLOCK(8)
+GEMM_BLOCK(12)
+
+/* Returns 0, or -1 when the scratch could not be allocated (y untouched). */
+int loraplex_linear_f32(const float *x, int64_t ldx, const float *Wp, const float *bias, float *y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K, int num_threads)
+{
+    if (M <= 0 || N <= 0)
+        return 0;
+    /* 8-row blocks for decode-sized M (less padding), 12 for more rows (fewer weight re-reads) */
+    const int rb = M <= 16 ? 8 : 12;
+    const int64_t blocks = (M + rb - 1) / rb;
+    const int64_t pairs = ((N + PANEL - 1) / PANEL + 1) / 2;
+    float *xt = (float *)malloc(sizeof(float) * (size_t)(blocks * K * rb));
+    if (!xt)
+        return -1;
+    for (int64_t b = 0; b < blocks; b++) {
+        float *dst = xt + b * K * rb;
+        const int mm = M - b * rb < rb ? (int)(M - b * rb) : rb;
+        for (int m = 0; m < rb; m++) {
+            const float *src = x + (b * rb + m) * ldx;
+            if (m < mm)
+                for (int64_t k = 0; k < K; k++)
+                    dst[k * rb + m] = src[k];
+            else
+                for (int64_t k = 0; k < K; k++)
+                    dst[k * rb + m] = 0.f;
+        }
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && pairs > 1)
+    for (int64_t pp = 0; pp < pairs; pp++) {
+        const float *w0 = Wp + 2 * pp * K * PANEL, *w1 = w0 + K * PANEL;
+        const int64_t col = 2 * pp * PANEL;
+        const int n0 = N - col >= PANEL ? PANEL : (int)(N - col);
+        const int n1 = N - col - PANEL >= PANEL ? PANEL : (N - col - PANEL > 0 ? (int)(N - col - PANEL) : 0);
+        for (int64_t b = 0; b < blocks; b++) {
+            const int mm = M - b * rb < rb ? (int)(M - b * rb) : rb;
+            const float *bc = bias ? bias + col : NULL;
+            if (rb == 8)
+                gemm_block_8(xt + b * K * rb, K, w0, w1, bc, y + b * rb * ldy + col, ldy, mm, n0, n1);
+            else
+                gemm_block_12(xt + b * K * rb, K, w0, w1, bc, y + b * rb * ldy + col, ldy, mm, n0, n1);
+        }
+    }
+    free(xt);
+    return 0;
+}

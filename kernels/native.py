@@ -5,6 +5,7 @@ projection group in one call, per segment, without torch's per-matmul costs; see
 loops and docs/benchmarks.md for the measurements.
 
 Build: the C compiler (``$CC``, else ``cc``) compiles the source with ``-O3 -march=native -fopenmp``
+(and ``-ffp-contract=fast``)
 into ``cache_dir()/native`` (``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``, else
 ``~/.cache/loraplex``), under a name hashed from
 the source, the flags and this CPU's model and feature flags, so a cache shared by different CPUs
@@ -40,7 +41,9 @@ SOURCE = Path(__file__).with_name("cpu_lora.c")
 HEADER = Path(__file__).with_name("cpu_lora_impl.h")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_SLICES = 16  # as cpu_lora.c
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11") + (
+# -ffp-contract=fast: a * b + c as one FMA (ISO C mode, -std=c11, turns that off by default; the
+# GEMM runs at about half speed without it).
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast") + (
     # full-width AVX-512 where there is any (gcc otherwise prefers 256-bit vectors on Intel)
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 CACHE_ENV = "LORAPLEX_CACHE_DIR"
@@ -95,6 +98,8 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
                        _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
+    library.loraplex_linear_f32.restype = ctypes.c_int
+    library.loraplex_linear_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     return library
 
 
@@ -122,6 +127,53 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     load()
     return _error
+
+
+# ------------------------------------------------------------------ base projections (GEMM)
+PANEL = 16  # as cpu_lora.c
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU weight [N, K] in the kernel's panel layout [P, K, PANEL]: panel p holds output
+    columns [p·PANEL, (p+1)·PANEL), P = ceil(N / PANEL) rounded up to even, zeros past N."""
+    check_tensor("weight", weight, 2, (torch.float32,))
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    panels += panels % 2
+    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
+    padded[:n].copy_(weight)
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_weight(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`pack_weight`'s inverse: the weight [out_features, K] (a copy)."""
+    count, k, width = panels.shape
+    return panels.transpose(1, 2).reshape(count * width, k)[:out_features].clone()
+
+
+def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ Wᵀ + bias for a weight packed by `pack_weight` (float32, CPU); returns [M, out_features].
+
+    x needs unit stride along K; `out` (contiguous [M, out_features]) is written when given.
+    """
+    if _fn is None and load() is None:
+        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    m, k = x.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
+        raise ValueError("linear takes float32 CPU activations with unit stride along features")
+    if panels.shape[1] != k or panels.shape[0] * PANEL < out_features or not panels.is_contiguous():
+        raise ValueError(f"packed weight {tuple(panels.shape)} does not fit x [{m}, {k}] -> {out_features}")
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() < out_features):
+        raise ValueError(f"bias must be a contiguous float32 vector of {out_features} values")
+    if out is None:
+        out = torch.empty(m, out_features, dtype=torch.float32)
+    status = _library.loraplex_linear_f32(x.data_ptr(), x.stride(0), panels.data_ptr(),
+                                          None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
+                                          m, out_features, k, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the CPU GEMM could not allocate its scratch memory")
+    return out
 
 
 def supports(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor) -> bool:

@@ -34,11 +34,12 @@ class LoraplexSystem:
         return cls(engine)
 
     def model_bytes(self) -> int:
-        """The base model's weights: parameters and buffers, and the projections kept packed for oneDNN."""
+        """The base model's weights: parameters and buffers, and the projections kept packed (C kernel
+        panels or oneDNN's layout)."""
         runner = self.engine.runner
         groups = {id(module.group): module.group for module in runner.lora_table.values()}
-        packed = sum(g.packed.numel() * g.packed.element_size() for g in groups.values()
-                     if getattr(g, "packed", None) is not None)
+        packed = sum(t.numel() * t.element_size() for g in groups.values()
+                     for t in (getattr(g, "panels", None), getattr(g, "packed", None)) if t is not None)
         return tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers())) + packed
 
     def resident_bytes(self) -> int:

@@ -11,11 +11,12 @@ decoder layer runs at most four shrink/expand pairs (qkv, o, gate_up, down):
     pool.scale  [num_slices, num_slots] float32
 
 Plain `nn.Linear` groups are fused at wrap time: the group owns one weight `[out_total, in]` and each
-projection's `weight` becomes a view of its rows, so nothing is stored twice. On CPU (float32, with
-oneDNN) the fused weight is kept only in oneDNN's blocked layout, prepacked once: a decode step reads
-every weight once per step, and the packed GEMM reads them faster than MKL's on the plain layout
-(+8 % base-model decode throughput in `loraplex bench` on CPU); the projections then become
-`PackedProjection`s, whose `weight` is unpacked on demand (DoRA's norms at adapter load). The first projection
+projection's `weight` becomes a view of its rows, so nothing is stored twice. On CPU (float32) the
+fused weight is kept only in a GEMM's own layout, packed once: the C kernel's panels
+(`kernels/native.py`, `pack_weight`) where it builds, else oneDNN's blocked layout. A decode step
+reads every weight once for ~16 rows, and both read them faster than MKL's GEMM on the plain layout
+(oneDNN +8 %, the C kernel 1.4-1.7x oneDNN's GEMM time: docs/benchmarks.md); the projections then
+become `PackedProjection`s, whose `weight` is unpacked on demand (DoRA's norms at adapter load). The first projection
 of a group called in a step computes the whole group's output once, `y = x @ weightᵀ + bias`, adds
 every token's LoRA into it in place (`lora_apply`), and returns its columns as a view; its siblings
 take their columns of the same `y`. Compared with a zero-filled delta buffer added to each
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.kernels import native
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.ops import lora_apply
 
@@ -137,14 +139,16 @@ class LoRAGroup:
         self.weight: torch.Tensor | None = None
         """The fused weight in the plain layout; None when it is only kept packed."""
         self.packed: torch.Tensor | None = None
-        """The fused weight prepacked for oneDNN (CPU, float32)."""
+        """The fused weight prepacked for oneDNN (CPU, float32, without the C kernel)."""
+        self.panels: torch.Tensor | None = None
+        """The fused weight in the C kernel's panel layout (CPU, float32)."""
         self.bias: torch.Tensor | None = None
         self.has_ia3_in = False
         """Some projection of the group holds IA3 input vectors: its input differs, no fused output."""
 
     def fuse(self, linears: list[nn.Linear]) -> list[nn.Module]:
-        """Move the projections' weights into one [out_total, in] tensor (packed for oneDNN when it
-        can be); returns the modules that stand for the projections' base layers now."""
+        """Move the projections' weights into one [out_total, in] tensor (packed for the C kernel or
+        oneDNN when it can be); returns the modules that stand for the projections' base layers now."""
         first = linears[0].weight
         weight = torch.empty(self.pool.out_total, self.pool.in_features, dtype=first.dtype, device=first.device)
         with_bias = any(linear.bias is not None for linear in linears)
@@ -154,8 +158,11 @@ class LoRAGroup:
             if linear.bias is not None:
                 bias[offset : offset + width].copy_(linear.bias.detach())
         self.fused, self.bias = True, bias
-        if _can_pack(weight):
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and native.available():
+            self.panels = native.pack_weight(weight)
+        elif _can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+        if self.panels is not None or self.packed is not None:
             return [PackedProjection(self, index, linear.in_features, linear.out_features)
                     for index, linear in enumerate(linears)]
         self.weight = weight
@@ -167,12 +174,17 @@ class LoRAGroup:
 
     def base_output(self, flat: torch.Tensor) -> torch.Tensor:
         """x @ weightᵀ + bias for the whole group: [tokens, out_total]."""
+        if self.panels is not None:
+            return native.linear(flat if flat.stride(-1) == 1 else flat.contiguous(), self.panels, self.bias,
+                                 self.pool.out_total)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return F.linear(flat, self.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The fused weight [out_total, in] in the plain layout (unpacked: a copy when packed)."""
+        if self.panels is not None:
+            return native.unpack_weight(self.panels, self.pool.out_total)
         return self.weight if self.packed is None else self.packed.to_dense()
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
