@@ -22,6 +22,7 @@
  * Work items are (segment, up to ITEM_TOKENS of its tokens), spread over OpenMP threads; every item
  * writes only its own tokens' rows of y, so items never race.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,4 +188,84 @@ int loraplex_linear_f32(const float *x, int64_t ldx, const float *Wp, const floa
     }
     free(xt);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Decode attention over the paged KV cache (server/attention.py's DecodeBatch), float32: one query
+ * per sequence, every head, straight from the cache blocks (no gathered copy of the context):
+ *
+ *     out[b, h] = softmax_t(scale * q[b, h] . k[slot(b, t), h / G]) @ v[slot(b, t), h / G]
+ *
+ * for t in [max(0, len_b - window), len_b) (window 0: none), written to row q_rows[b] of out,, slot(b, t) = blocks[b * bps + t / bs] * bs
+ * + t % bs, G = H / KVH query heads per key/value head. Threads split the (sequence, kv head) pairs.
+ * ------------------------------------------------------------------------------------------------ */
+int loraplex_decode_attention_f32(const float *q, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
+                                  const float *k_cache, const float *v_cache, const int64_t *blocks,
+                                  int64_t blocks_per_seq, int64_t block_size, const int64_t *lengths, int64_t B,
+                                  int64_t H, int64_t KVH, int64_t D, int64_t window, float scale, float *out,
+                                  int64_t out_row_stride, int64_t out_head_stride, int num_threads)
+{
+    if (B <= 0)
+        return 0;
+    const int64_t G = H / KVH, max_len = blocks_per_seq * block_size;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * KVH > 1)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(G * (max_len ? max_len : 1) + D));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < B * KVH; item++) {
+            if (!scores)
+                continue;
+            const int64_t b = item / KVH, kvh = item % KVH;
+            const int64_t len = lengths[b] < max_len ? lengths[b] : max_len;
+            const int64_t start = window > 0 && len > window ? len - window : 0;
+            const int64_t n = len - start;
+            if (n <= 0)
+                continue;
+            const int64_t *table = blocks + b * blocks_per_seq;
+            float *acc = scores + G * max_len;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kvh * G + g;
+                const float *qh = q + q_rows[b] * q_row_stride + h * q_head_stride;
+                float *s = scores + g * max_len;
+                float top = -INFINITY;
+                for (int64_t t = start; t < len; t++) {
+                    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                    const float *kt = k_cache + (slot * KVH + kvh) * D;
+                    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < D; d++)
+                        dot += qh[d] * kt[d];
+                    dot *= scale;
+                    s[t - start] = dot;
+                    top = dot > top ? dot : top;
+                }
+                float total = 0.f;
+                for (int64_t i = 0; i < n; i++) {
+                    s[i] = expf(s[i] - top);
+                    total += s[i];
+                }
+                const float inv = 1.f / total;
+                for (int64_t d = 0; d < D; d++)
+                    acc[d] = 0.f;
+                for (int64_t t = start; t < len; t++) {
+                    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                    const float *vt = v_cache + (slot * KVH + kvh) * D;
+                    const float p = s[t - start] * inv;
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++)
+                        acc[d] += p * vt[d];
+                }
+                float *oh = out + q_rows[b] * out_row_stride + h * out_head_stride;
+                for (int64_t d = 0; d < D; d++)
+                    oh[d] = acc[d];
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
 }

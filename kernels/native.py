@@ -87,7 +87,7 @@ def _build() -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(built)],
+            result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
@@ -98,6 +98,10 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
                        _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
+    library.loraplex_decode_attention_f32.restype = ctypes.c_int
+    library.loraplex_decode_attention_f32.argtypes = [
+        _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
+        _PTR, _I64, _I64, ctypes.c_int]
     library.loraplex_linear_f32.restype = ctypes.c_int
     library.loraplex_linear_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     return library
@@ -173,6 +177,43 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out
                                           m, out_features, k, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the CPU GEMM could not allocate its scratch memory")
+    return out
+
+
+# ------------------------------------------------------------------ decode attention
+def decode_attention(q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     blocks: torch.Tensor, blocks_per_seq: int, block_size: int, lengths: torch.Tensor,
+                     window: int | None, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """One query per sequence over its paged context, straight from the cache (float32, CPU).
+
+    q, out: [T, H, D] (any row/head strides, unit stride along D); sequence b's query and output are
+    row ``rows[b]``. k_cache, v_cache: [slots, KVH, D] contiguous. blocks: [B · blocks_per_seq] long,
+    each sequence's first blocks; lengths: [B] long, its context length (query at length - 1);
+    window: attend to the last `window` positions only (None: all). Returns out.
+    """
+    if _fn is None and load() is None:
+        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"decode_attention takes float32 CPU tensors with unit stride along D ({name})")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
+        raise ValueError("k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] of one shape")
+    if k_cache.shape[2] != dim or heads % kv_heads or out.shape[1:] != q.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)}, out {tuple(out.shape)} and cache {tuple(k_cache.shape)} do not fit")
+    for name, t in (("rows", rows), ("blocks", blocks), ("lengths", lengths)):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int64 tensor")
+    count = lengths.shape[0]
+    if rows.shape[0] != count or blocks.shape[0] != count * blocks_per_seq:
+        raise ValueError(f"{count} lengths, {rows.shape[0]} rows and {blocks.shape[0]} blocks do not fit")
+    status = _library.loraplex_decode_attention_f32(
+        q.data_ptr(), rows.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        blocks.data_ptr(), blocks_per_seq, block_size, lengths.data_ptr(), count, heads, kv_heads, dim,
+        window or 0, scale, out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("decode attention could not allocate its scratch memory")
     return out
 
 

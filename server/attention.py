@@ -7,9 +7,10 @@ under `ATTENTION_NAME`; the model runner passes the step's `AttentionMeta` as th
 new keys/values into their cache slots, then attends each sequence's queries over that sequence's
 context (gathered from its blocks) with a causal mask aligned to the sequence's positions.
 
-Decoding sequences (one query each) are attended together: their contexts are gathered into one
-`[B, kv_heads, L, head_dim]` batch of whole blocks, padding masked out (no mask when every context
-fills its blocks), and one attention call serves them all. Fresh prefills of equal length (positions
+Decoding sequences (one query each) are attended together: on CPU in float32, straight from the
+cache blocks by the C kernel (`kernels/native.py`, `decode_attention`); elsewhere their contexts are
+gathered into one `[B, kv_heads, L, head_dim]` batch of whole blocks, padding masked out (no mask
+when every context fills its blocks), and one attention call serves them all. Fresh prefills of equal length (positions
 [0, n), nothing cached before: their context is their own keys and values) share one causal call
 without touching the cache. Other chunks (a chunked prefill's later parts, prefix-tuning sequences)
 keep one call per sequence over their gathered context.
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from loraplex.kernels import native
 
 ATTENTION_NAME = "loraplex_paged"
 META_KWARG = "loraplex_attention"
@@ -147,7 +150,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
     window = getattr(module, "sliding_window", None) or meta.sliding_window
     decode = meta.decode
-    if decode is not None:
+    if decode is not None and _native_decode(query, k_cache):
+        native.decode_attention(query[0].transpose(0, 1), decode.rows, k_cache, v_cache, decode.blocks,
+                                decode.blocks_per_seq, meta.cache.block_size, decode.lengths, window,
+                                head_dim ** -0.5 if scaling is None else scaling, output)
+    elif decode is not None:
         if decode.row_range is not None:
             q = query[0, :, decode.row_range[0] : decode.row_range[1]]  # [H, B, D]
         else:
@@ -188,6 +195,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         output[span.query_start : span.query_start + span.query_len] = out[0].transpose(0, 1)
     return output.unsqueeze(0), None
+
+
+def _native_decode(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Decode attention in C: float32 on CPU, where the kernel builds."""
+    return (query.device.type == "cpu" and query.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and native.available())
 
 
 def _mask(meta: AttentionMeta, query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:
