@@ -1,4 +1,7 @@
-/* LoRA shrink + expand for CPU serving in float32, fused per projection group (see native.py).
+/* CPU kernels for float32 serving (see native.py): LoRA shrink + expand fused per projection group
+ * (below), the base projections' GEMM and decode attention (at the end of the file).
+ *
+ * LoRA:
  *
  * For every segment (one adapter slot, its tokens) and every slice i the slot targets (rank r > 0):
  *

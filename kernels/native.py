@@ -1,8 +1,13 @@
-"""The CPU LoRA kernel in C (`cpu_lora.c`): built on first use, called through ctypes.
+"""The CPU kernels in C (`cpu_lora.c`): built on first use, called through ctypes.
 
-`lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of a
-projection group in one call, per segment, without torch's per-matmul costs; see the C file for the
-loops and docs/benchmarks.md for the measurements.
+- `lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of
+  a projection group in one call, per segment, without torch's per-matmul costs;
+- `linear` is the float32 base projections' GEMM on weights packed by `pack_weight` (panels of 16
+  output columns), used by the fused groups of server/lora.py;
+- `decode_attention` attends one query per sequence straight from the paged KV cache
+  (server/attention.py).
+
+See the C file for the loops and docs/benchmarks.md for the measurements.
 
 Build: the C compiler (``$CC``, else ``cc``) compiles the source with ``-O3 -march=native -fopenmp``
 (and ``-ffp-contract=fast``)
@@ -120,7 +125,8 @@ def load() -> ctypes.CDLL | None:
                        torch.bfloat16: _library.loraplex_lora_apply_bf16}
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _error = str(exc)
-                log.warning("CPU LoRA kernel unavailable, using the torch path: %s", _error)
+                log.warning("CPU C kernels unavailable, using torch's (LoRA, attention) and oneDNN's (GEMM): %s",
+                            _error)
     return _library
 
 

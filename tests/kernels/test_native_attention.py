@@ -81,3 +81,34 @@ def test_decode_attention_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="int64"):
         native.decode_attention(query, batch.rows.int(), k, v, batch.blocks, batch.blocks_per_seq, 4,
                                 batch.lengths, None, 1.0, out)
+
+
+def test_paged_attention_same_output_with_and_without_the_kernel(monkeypatch):
+    """server/attention.py's decode branch: the C kernel and the gathered-SDPA fallback agree."""
+    from types import SimpleNamespace
+
+    from loraplex.server import attention
+
+    lengths, block_size = [5, 9, 2], 4
+    batch, k, v, _ = _problem(lengths, 4, 2, block_size=block_size, seed=9)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    cache = attention.PagedKVCache(1, k.shape[0] // block_size, block_size, 2, 16, torch.float32, torch.device("cpu"))
+    cache.k[0].copy_(k)
+    cache.v[0].copy_(v)
+    tokens = 2 * len(lengths) + 1
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 4, tokens, 16, generator=gen)
+    key, value = torch.randn(1, 2, tokens, 16, generator=gen), torch.randn(1, 2, tokens, 16, generator=gen)
+    free = torch.arange(tokens) + (k.shape[0] - tokens)  # write the step's keys where no context reads
+    module = SimpleNamespace(layer_idx=0)
+
+    def run():
+        cache.k[0].copy_(k)
+        cache.v[0].copy_(v)
+        meta = attention.AttentionMeta(cache=cache, slot_mapping=free, spans=[], decode=batch)
+        return attention.paged_attention(module, query, key, value, None, scaling=0.25,
+                                         **{attention.META_KWARG: meta})[0][0, batch.rows]
+
+    with_kernel = run()
+    monkeypatch.setattr(native, "available", lambda: False)
+    torch.testing.assert_close(with_kernel, run(), rtol=1e-5, atol=1e-5)

@@ -86,3 +86,18 @@ def test_fused_groups_keep_their_weights_in_panels():
         assert torch.equal(wrapped.base.weight, weight)
         inp = x if name != "o_proj" else torch.randn(5, 32)
         torch.testing.assert_close(wrapped(inp), F.linear(inp, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_kernel_groups_use_onednn_or_plain_weights(monkeypatch):
+    """No compiler: the fused groups fall back to oneDNN's packed layout (or the plain weight) with the
+    same outputs."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    torch.manual_seed(1)
+    model = nn.Module()
+    model.layers = nn.ModuleList([_Layer()])
+    weight = model.layers[0].o_proj.weight.detach().clone()
+    table = wrap_model(model, 2, 4, torch.float32, torch.device("cpu"), LoRAStepContext())
+    group = table["layers.0.o_proj"].group
+    assert group.panels is None and (group.packed is not None or group.weight is not None)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(table["layers.0.o_proj"](x), x @ weight.t(), rtol=1e-5, atol=1e-5)
