@@ -134,6 +134,18 @@ def available() -> bool:
     return load() is not None
 
 
+def _require() -> None:
+    """Load the library, or raise why it cannot be built (callers check `available()` first)."""
+    if _fn is None and load() is None:
+        raise RuntimeError(f"the CPU C kernels are unavailable: {_error}")
+
+
+def takes_float32(*tensors: torch.Tensor) -> bool:
+    """Whether the float32 kernels (`linear`, `decode_attention`) serve these tensors: float32 on CPU,
+    and the library builds."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
 def unavailable_reason() -> str | None:
     load()
     return _error
@@ -167,8 +179,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out
 
     x needs unit stride along K; `out` (contiguous [M, out_features]) is written when given.
     """
-    if _fn is None and load() is None:
-        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    _require()
     m, k = x.shape
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
         raise ValueError("linear takes float32 CPU activations with unit stride along features")
@@ -197,8 +208,7 @@ def decode_attention(q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
     each sequence's first blocks; lengths: [B] long, its context length (query at length - 1);
     window: attend to the last `window` positions only (None: all). Returns out.
     """
-    if _fn is None and load() is None:
-        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    _require()
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[1]
     for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -277,8 +287,7 @@ def lora_apply(
     slice_widths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """y += LoRA(x) for every token's adapter (ops.lora_apply's semantics), in C. Returns y."""
-    if _fn is None and load() is None:
-        raise RuntimeError(f"the CPU LoRA kernel is unavailable: {_error}")
+    _require()
     check_tensor("x", x, 2, (torch.float32,))
     check_tensor("y", y, 2, (torch.float32,))
     if x.device.type != "cpu" or y.device.type != "cpu":

@@ -150,7 +150,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
     window = getattr(module, "sliding_window", None) or meta.sliding_window
     decode = meta.decode
-    if decode is not None and _native_decode(query, k_cache):
+    if decode is not None and native.takes_float32(query, k_cache):
         native.decode_attention(query[0].transpose(0, 1), decode.rows, k_cache, v_cache, decode.blocks,
                                 decode.blocks_per_seq, meta.cache.block_size, decode.lengths, window,
                                 head_dim ** -0.5 if scaling is None else scaling, output)
@@ -195,12 +195,6 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         output[span.query_start : span.query_start + span.query_len] = out[0].transpose(0, 1)
     return output.unsqueeze(0), None
-
-
-def _native_decode(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Decode attention in C: float32 on CPU, where the kernel builds."""
-    return (query.device.type == "cpu" and query.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and native.available())
 
 
 def _mask(meta: AttentionMeta, query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:

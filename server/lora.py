@@ -159,7 +159,7 @@ class LoRAGroup:
             if linear.bias is not None:
                 bias[offset : offset + width].copy_(linear.bias.detach())
         self.fused, self.bias = True, bias
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and native.available():
+        if native.takes_float32(weight):
             self.panels = native.pack_weight(weight)
         elif _can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
