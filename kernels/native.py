@@ -239,40 +239,103 @@ def supports(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B_t: torch.Tenso
             and A.dtype in WEIGHT_DTYPES and B_t.dtype == A.dtype)
 
 
-# Pools checked once: (id, version) of their tensors -> the pointers and sizes the call needs.
-_checked: dict[tuple, tuple] = {}
+class PreparedPool:
+    """A pool's kernel arguments, checked once (`prepare_pool`): the weight pools of a serving group are
+    allocated once and only written in place, so their pointers and shapes hold for every step."""
+
+    __slots__ = ("fn", "args", "in_features", "out_total", "_keep")
+
+    def __init__(self, fn, args: tuple, in_features: int, out_total: int, keep: tuple):
+        self.fn, self.args, self.in_features, self.out_total, self._keep = fn, args, in_features, out_total, keep
 
 
-def _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths) -> tuple:
-    key = (id(A), id(B_t), id(ranks), id(scalings), A.data_ptr(), B_t.data_ptr(), ranks.data_ptr(),
-           scalings.data_ptr(), y.shape[1], None if slice_offsets is None else tuple(slice_offsets),
-           None if slice_widths is None else tuple(slice_widths))
-    cached = _checked.get(key)
-    if cached is not None:
-        return cached[0]
+def prepare_pool(A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor, out_total: int,
+                 slice_offsets: Sequence[int] | None = None,
+                 slice_widths: Sequence[int] | None = None) -> PreparedPool:
+    """Check a pool for `lora_apply` once (layouts as `lora_apply`); raises what is wrong with it."""
+    _require()
     check_tensor("A", A, 4, WEIGHT_DTYPES)
     check_tensor("B_t", B_t, 3, (A.dtype,))
     num_slices, S, R, in_features = A.shape
     check_dim("B_t", B_t, 1, R, "A's max_rank")
-    check_dim("B_t", B_t, 2, y.shape[1], "y's out_total")
+    check_dim("B_t", B_t, 2, out_total, "y's out_total")
     if B_t.shape[0] < S:
         raise ValueError(f"B_t has {B_t.shape[0]} slots but A has {S}")
     check_pools(ranks, scalings, num_slices, S)
     for name, t in (("A", A), ("B_t", B_t), ("ranks", ranks), ("scalings", scalings)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the CPU kernel")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU for the CPU kernel")
     if ranks.dtype != torch.int32 or scalings.dtype != torch.float32:
         raise TypeError("ranks must be int32 and scalings float32")
-    offsets, widths = resolve_slices(num_slices, y.shape[1], slice_offsets, slice_widths)
+    if num_slices > MAX_SLICES:
+        raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SLICES} slices, got {num_slices}")
+    offsets, widths = resolve_slices(num_slices, out_total, slice_offsets, slice_widths)
     offs = torch.tensor(list(offsets), dtype=torch.int64)
     wids = torch.tensor(list(widths), dtype=torch.int64)
-    args = (A.data_ptr(), B_t.data_ptr(), num_slices, S, R, in_features, y.shape[1],
+    args = (A.data_ptr(), B_t.data_ptr(), num_slices, S, R, in_features, out_total,
             ranks.data_ptr(), scalings.data_ptr(), offs.data_ptr(), wids.data_ptr())
-    if len(_checked) > 4096:
-        _checked.clear()
-    # keep the tensors alive with the entry: their ids and pointers stay theirs while it exists
-    _checked[key] = (args, (A, B_t, ranks, scalings, offs, wids))
+    # the entry keeps the tensors alive: their pointers stay valid while it exists
+    return PreparedPool(_fn[A.dtype], args, in_features, out_total, (A, B_t, ranks, scalings, offs, wids))
+
+
+# Pools checked once by direct `lora_apply` calls: (ids, pointers, slices) -> PreparedPool.
+_checked: dict[tuple, PreparedPool] = {}
+
+
+def _cached_pool(A, B_t, ranks, scalings, out_total, slice_offsets, slice_widths) -> PreparedPool:
+    key = (id(A), id(B_t), id(ranks), id(scalings), A.data_ptr(), B_t.data_ptr(), ranks.data_ptr(),
+           scalings.data_ptr(), out_total, None if slice_offsets is None else tuple(slice_offsets),
+           None if slice_widths is None else tuple(slice_widths))
+    pool = _checked.get(key)
+    if pool is None:
+        pool = prepare_pool(A, B_t, ranks, scalings, out_total, slice_offsets, slice_widths)
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[key] = pool
+    return pool
+
+
+def meta_args(meta: LoRAMeta) -> tuple:
+    """The step layout's kernel arguments (segments, token order), cached on meta for its current
+    segment list; raises when meta has no host segment list (built for a non-CPU device)."""
+    segments = meta.segments
+    if segments is None:
+        raise ValueError("meta has no host segment list (built for a non-CPU device)")
+    cached = meta.__dict__.get("_native_args")
+    if cached is not None and cached[0] is segments:
+        return cached[1]
+    args = (meta.num_tokens, meta.max_slots, meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(),
+            meta.seg_len.data_ptr(), len(segments), 0 if meta.contiguous else meta.token_order.data_ptr())
+    meta.__dict__["_native_args"] = (segments, args)
     return args
+
+
+def apply_prepared(x: torch.Tensor, y: torch.Tensor, pool: PreparedPool, step: tuple) -> torch.Tensor:
+    """`lora_apply` for a pool from `prepare_pool` and a layout from `meta_args`: only x and y are
+    checked here. Returns y."""
+    if (x.dtype != torch.float32 or y.dtype != torch.float32 or x.device.type != "cpu"
+            or y.device.type != "cpu" or x.dim() != 2 or y.dim() != 2):
+        raise ValueError("the CPU LoRA kernel takes 2-D float32 CPU x and y")
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y need unit stride along features")
+    num_tokens, max_slots, seg_slot, seg_start, seg_len, num_segments, order = step
+    T = x.shape[0]
+    if y.shape[0] != T or T != num_tokens:
+        raise ValueError(f"x has {T} tokens, y {y.shape[0]}, meta was built for {num_tokens}")
+    if x.shape[1] != pool.in_features or y.shape[1] != pool.out_total:
+        raise ValueError(f"x [{T}, {x.shape[1]}] and y [{T}, {y.shape[1]}] do not fit the pool "
+                         f"({pool.in_features} -> {pool.out_total})")
+    if pool.args[3] < max_slots:
+        raise ValueError(f"A has {pool.args[3]} slots but meta addresses up to max_slots={max_slots}")
+    if T == 0 or num_segments == 0:
+        return y
+    status = pool.fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool.args, seg_slot, seg_start,
+                     seg_len, num_segments, order, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the CPU LoRA kernel could not allocate its scratch memory")
+    return y
 
 
 def lora_apply(
@@ -290,28 +353,6 @@ def lora_apply(
     _require()
     check_tensor("x", x, 2, (torch.float32,))
     check_tensor("y", y, 2, (torch.float32,))
-    if x.device.type != "cpu" or y.device.type != "cpu":
-        raise ValueError("the CPU LoRA kernel takes CPU tensors")
-    if x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("x and y need unit stride along features")
-    T = x.shape[0]
-    if y.shape[0] != T or T != meta.num_tokens:
-        raise ValueError(f"x has {T} tokens, y {y.shape[0]}, meta was built for {meta.num_tokens}")
     check_dim("A", A, 3, x.shape[1], "x's in_features")
-    if A.shape[1] < meta.max_slots:
-        raise ValueError(f"A has {A.shape[1]} slots but meta addresses up to max_slots={meta.max_slots}")
-    pool = _pool_args(A, B_t, ranks, scalings, y, slice_offsets, slice_widths)
-    segments = meta.segments
-    if segments is None:
-        raise ValueError("meta has no host segment list (built for a non-CPU device)")
-    if T == 0 or not segments:
-        return y
-    order = 0 if meta.contiguous else meta.token_order.data_ptr()
-    status = _fn[A.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), *pool,
-                 meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(), meta.seg_len.data_ptr(), len(segments),
-                 order, torch.get_num_threads())
-    if status == -2:
-        raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SLICES} slices, got {A.shape[0]}")
-    if status != 0:
-        raise MemoryError("the CPU LoRA kernel could not allocate its scratch memory")
-    return y
+    pool = _cached_pool(A, B_t, ranks, scalings, y.shape[1], slice_offsets, slice_widths)
+    return apply_prepared(x, y, pool, meta_args(meta))

@@ -1,6 +1,7 @@
 """LoRA shrink/expand dispatch: Triton on CUDA, the C kernel or the torch segment loop on CPU.
 
-    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces a backend (read on every call)
+    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces a backend (read on every call; the
+                                                          engine's layers read it once per step)
 
 ``native`` is the C kernel of ``native.py``: CPU ``lora_apply`` only (shrink and expand of a group in
 one call), float32 activations with float32 or bfloat16 pools. Unforced, ``lora_apply`` on CPU
@@ -71,7 +72,8 @@ def _max_segment(meta: LoRAMeta) -> int:
     return longest
 
 
-def _apply_backend(x, y, A, B_t, meta) -> str:
+def apply_backend(x, y, A, B_t, meta) -> str:
+    """The backend `lora_apply` runs for these tensors and this step's layout."""
     forced = _forced_backend()
     if forced == "native":
         if not native.supports(x, y, A, B_t):
@@ -142,7 +144,7 @@ def lora_apply(
     v: torch.Tensor | None = None,  # scratch [num_slices, T, max_rank] fp32; default meta.workspace(...)
 ) -> torch.Tensor:
     """y += LoRA(x) for every token's adapter: shrink then expand. Returns y."""
-    if _apply_backend(x, y, A, B_t, meta) == "native":
+    if apply_backend(x, y, A, B_t, meta) == "native":
         return native.lora_apply(x, y, A, B_t, ranks, scalings, meta, slice_offsets, slice_widths)
     if v is None:
         v = meta.workspace(A.shape[0], A.shape[2])

@@ -97,6 +97,66 @@ def test_bad_shapes_are_refused_before_the_call():
                           p.scalings, meta, p.offsets, p.widths)
 
 
+def test_prepared_pool_matches_lora_apply_and_follows_in_place_writes():
+    """prepare_pool checks a pool once; apply_prepared gives lora_apply's result, and sees the pool's
+    contents as they are at the call (a serving pool is only ever written in place)."""
+    p, _ = layout(make_problem(24, 64, 3, "zipf", torch.float32, seed=5), contiguous=False)
+    meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots)
+    pool = native.prepare_pool(p.A, p.B_t, p.ranks, p.scalings, p.y0.shape[1], p.offsets, p.widths)
+    y = p.y0.clone()
+    assert native.apply_prepared(p.x, y, pool, native.meta_args(meta)) is y
+    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+    p.B_t.mul_(2.0)
+    y2 = p.y0.clone()
+    native.apply_prepared(p.x, y2, pool, native.meta_args(meta))
+    torch.testing.assert_close(y2 - p.y0, 2 * (y - p.y0), **TOLERANCE[torch.float32])
+
+
+def test_prepared_pool_refusals():
+    p = make_problem(4, 64, 2, "distinct", torch.float32, seed=1)
+    meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots)
+    with pytest.raises(ValueError, match="out_total"):
+        native.prepare_pool(p.A, p.B_t, p.ranks, p.scalings, p.y0.shape[1] + 1, p.offsets, p.widths)
+    with pytest.raises(TypeError, match="int32"):
+        native.prepare_pool(p.A, p.B_t, p.ranks.long(), p.scalings, p.y0.shape[1], p.offsets, p.widths)
+    pool = native.prepare_pool(p.A, p.B_t, p.ranks, p.scalings, p.y0.shape[1], p.offsets, p.widths)
+    step = native.meta_args(meta)
+    with pytest.raises(ValueError, match="do not fit the pool"):
+        native.apply_prepared(torch.randn(4, 65), p.y0.clone(), pool, step)
+    with pytest.raises(ValueError, match="meta was built for 4"):
+        native.apply_prepared(p.x[:3], p.y0[:3].clone(), pool, step)
+    with pytest.raises(ValueError, match="float32"):
+        native.apply_prepared(p.x.double(), p.y0.clone(), pool, step)
+    wide = K.LoRAMeta.allocate(8, p.A.shape[1] + 4, "cpu").update(p.slots)
+    with pytest.raises(ValueError, match="max_slots"):
+        native.apply_prepared(p.x, p.y0.clone(), pool, native.meta_args(wide))
+
+
+def test_step_context_picks_the_backend_once_per_step(monkeypatch):
+    """The serving layers' LoRA (LoRAStepContext.apply_lora): the backend is chosen by a step's first call
+    and kept for the step; the next step chooses again. Both paths give ops.lora_apply's result."""
+    from loraplex.server.lora import LoRAPool, LoRAStepContext
+
+    p, _ = layout(make_problem(16, 64, 3, "distinct", torch.float32, seed=9), contiguous=True)
+    pool = LoRAPool(p.x.shape[1], list(p.widths), p.A.shape[1], p.A.shape[2], torch.float32, torch.device("cpu"))
+    pool.a.copy_(p.A), pool.b_t.copy_(p.B_t), pool.ranks.copy_(p.ranks), pool.scale.copy_(p.scalings)
+    meta = K.LoRAMeta.allocate(16, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
+    context = LoRAStepContext()
+    context.begin(meta, kinds={"lora"})
+    y = p.y0.clone()
+    context.apply_lora(p.x, y, pool)
+    assert context.backends == {(torch.float32, torch.float32): "native"}
+    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+    monkeypatch.setenv(K.BACKEND_ENV, "torch")
+    context.apply_lora(p.x, p.y0.clone(), pool)
+    assert context.backends == {(torch.float32, torch.float32): "native"}  # same step: kept
+    context.begin(meta, kinds={"lora"})
+    y = p.y0.clone()
+    context.apply_lora(p.x, y, pool)
+    assert context.backends == {(torch.float32, torch.float32): "torch"}
+    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+
+
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     """No working compiler: one warning, available() is False, lora_apply runs the torch path."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
