@@ -272,3 +272,121 @@ int loraplex_decode_attention_f32(const float *q, const int64_t *q_rows, int64_t
     }
     return failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * The element-wise steps of a Llama-shaped decoder layer (server/decoder.py), float32, one call each
+ * instead of the 4-10 torch operations they take there:
+ *
+ *   add_rms_norm   h[r] += d[r] (d may be NULL), then out[r] = w * (h[r] / sqrt(mean(h[r]^2) + eps))
+ *   rope_store     q and k rotated in place, x*cos + rotate_half(x)*sin (rotate_half(x) = [-x2, x1]),
+ *                  then k and v copied into their cache slots ([slots, KVH, D] caches)
+ *   silu_mul       out[r] = silu(g[r]) * u[r]
+ *
+ * Rows are split over threads only when there are enough of them (prefill); a decode step's 16 rows
+ * run on the calling thread.
+ * ------------------------------------------------------------------------------------------------ */
+#define ROWS_PER_THREAD 64
+
+int loraplex_add_rms_norm_f32(float *h, int64_t ldh, const float *d, int64_t ldd, const float *w, float eps,
+                              float *out, int64_t ldo, int64_t rows, int64_t cols, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 2 * ROWS_PER_THREAD)
+    for (int64_t r = 0; r < rows; r++) {
+        float *hr = h + r * ldh;
+        if (d) {
+            const float *dr = d + r * ldd;
+#pragma omp simd
+            for (int64_t c = 0; c < cols; c++)
+                hr[c] += dr[c];
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < cols; c++)
+            ss += hr[c] * hr[c];
+        const float inv = 1.f / sqrtf(ss / (float)cols + eps);
+        float *o = out + r * ldo;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++)
+            o[c] = w[c] * (hr[c] * inv);
+    }
+    return 0;
+}
+
+static inline void rope_row(float *x, const float *cs, const float *sn, int64_t D)
+{
+    const int64_t half = D / 2;
+    float x1[half > 0 ? half : 1];
+    memcpy(x1, x, sizeof(float) * (size_t)half);
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++)
+        x[i] = x1[i] * cs[i] - x[half + i] * sn[i];
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++)
+        x[half + i] = x[half + i] * cs[half + i] + x1[i] * sn[half + i];
+}
+
+/* q [T, H, D] and k, v [T, KVH, D] (row and head strides given, unit stride along D); cos, sin [T, D]
+ * rows cs_stride apart; slots [T] int64, -1: not stored. */
+int loraplex_rope_store_f32(float *q, int64_t q_row, int64_t q_head, int64_t H, float *k, int64_t k_row,
+                            int64_t k_head, const float *v, int64_t v_row, int64_t v_head, int64_t KVH, int64_t D,
+                            const float *cos, const float *sin, int64_t cs_stride, float *k_cache, float *v_cache,
+                            const int64_t *slots, int64_t T, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && T >= 2 * ROWS_PER_THREAD)
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = cos + t * cs_stride, *sn = sin + t * cs_stride;
+        for (int64_t h = 0; h < H; h++)
+            rope_row(q + t * q_row + h * q_head, cs, sn, D);
+        for (int64_t h = 0; h < KVH; h++) {
+            float *kh = k + t * k_row + h * k_head;
+            rope_row(kh, cs, sn, D);
+            if (slots[t] >= 0) {
+                memcpy(k_cache + (slots[t] * KVH + h) * D, kh, sizeof(float) * (size_t)D);
+                memcpy(v_cache + (slots[t] * KVH + h) * D, v + t * v_row + h * v_head, sizeof(float) * (size_t)D);
+            }
+        }
+    }
+    return 0;
+}
+
+/* e^x for x <= 0 (below -87 clamped to e^-87, a normal float), within ~2 ulp: Cephes' expf
+ * polynomial, written so that the loops around it vectorize (the C library's expf is a scalar call) */
+static inline float exp_nonpositive(float x)
+{
+    x = x > -87.f ? x : -87.f;
+    const int32_t ni = (int32_t)(x * 1.44269504088896341f + 127.5f) - 127; /* nearest (the sum is > 0) */
+    const float n = (float)ni;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    const int32_t bits = (ni + 127) << 23; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* silu(g) * u with e = e^-|g| in (0, 1]: g / (1 + e) for g >= 0, g·e / (1 + e) below (the same value).
+ * Nothing overflows and no intermediate is subnormal (a subnormal result of g / (1 + e^88), computed
+ * for every vector lane, made the loop 9x slower through microcode assists). */
+int loraplex_silu_mul_f32(const float *g, int64_t ldg, const float *u, int64_t ldu, float *out, int64_t ldo,
+                          int64_t rows, int64_t cols, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 2 * ROWS_PER_THREAD)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gr = g + r * ldg, *ur = u + r * ldu;
+        float *o = out + r * ldo;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) {
+            const float x = gr[c], a = x < 0.f ? x : -x;
+            const float e = a > -87.f ? exp_nonpositive(a) : 0.f; /* below: silu(x) is 0 in float */
+            o[c] = x * (x < 0.f ? e : 1.f) / (1.f + e) * ur[c];
+        }
+    }
+    return 0;
+}

@@ -5,7 +5,9 @@
 - `linear` is the float32 base projections' GEMM on weights packed by `pack_weight` (panels of 16
   output columns), used by the fused groups of server/lora.py;
 - `decode_attention` attends one query per sequence straight from the paged KV cache
-  (server/attention.py).
+  (server/attention.py);
+- `add_rms_norm`, `rope_store` and `silu_mul` are the element-wise steps of a Llama-shaped decoder
+  layer (server/decoder.py), one call each instead of several torch operations.
 
 See the C file for the loops and docs/benchmarks.md for the measurements.
 
@@ -48,7 +50,10 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_SLICES = 16  # as cpu_lora.c
 # -ffp-contract=fast: a * b + c as one FMA (ISO C mode, -std=c11, turns that off by default; the
 # GEMM runs at about half speed without it).
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast") + (
+# -fno-trapping-math -fno-math-errno: no FP exceptions or errno to keep, so loops with conversions and
+# square roots vectorize (the results of finite arithmetic do not change).
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast",
+          "-fno-trapping-math", "-fno-math-errno") + (
     # full-width AVX-512 where there is any (gcc otherwise prefers 256-bit vectors on Intel)
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 CACHE_ENV = "LORAPLEX_CACHE_DIR"
@@ -109,6 +114,14 @@ def _build() -> ctypes.CDLL:
         _PTR, _I64, _I64, ctypes.c_int]
     library.loraplex_linear_f32.restype = ctypes.c_int
     library.loraplex_linear_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    library.loraplex_add_rms_norm_f32.restype = ctypes.c_int
+    library.loraplex_add_rms_norm_f32.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, ctypes.c_float, _PTR, _I64, _I64,
+                                                  _I64, ctypes.c_int]
+    library.loraplex_rope_store_f32.restype = ctypes.c_int
+    library.loraplex_rope_store_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64,
+                                                _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_int]
+    library.loraplex_silu_mul_f32.restype = ctypes.c_int
+    library.loraplex_silu_mul_f32.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, ctypes.c_int]
     return library
 
 
@@ -356,3 +369,71 @@ def lora_apply(
     check_dim("A", A, 3, x.shape[1], "x's in_features")
     pool = _cached_pool(A, B_t, ranks, scalings, y.shape[1], slice_offsets, slice_widths)
     return apply_prepared(x, y, pool, meta_args(meta))
+
+
+# ------------------------------------------------------------------ decoder layers' element-wise steps
+def _rows(name: str, t: torch.Tensor, cols: int) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1 or t.shape[1] != cols:
+        raise ValueError(f"{name} must be a float32 CPU [rows, {cols}] tensor with unit stride along features")
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor) -> torch.Tensor:
+    """h += delta (in place; skipped when None), then out = weight * h / sqrt(mean(h²) + eps) per row,
+    the transformers RMSNorm of Llama-shaped models. All [rows, hidden] float32 CPU. Returns out."""
+    _require()
+    rows, cols = h.shape
+    _rows("h", h, cols)
+    _rows("out", out, cols)
+    if delta is not None:
+        _rows("delta", delta, cols)
+    if delta is not None and delta.shape[0] != rows or out.shape[0] != rows:
+        raise ValueError(f"h has {rows} rows, delta {None if delta is None else delta.shape[0]}, out {out.shape[0]}")
+    if weight.dtype != torch.float32 or weight.shape != (cols,) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 vector of {cols} values")
+    _library.loraplex_add_rms_norm_f32(h.data_ptr(), h.stride(0), None if delta is None else delta.data_ptr(),
+                                       0 if delta is None else delta.stride(0), weight.data_ptr(), eps,
+                                       out.data_ptr(), out.stride(0), rows, cols, torch.get_num_threads())
+    return out
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Rotary embedding of q [T, H, D] and k [T, KVH, D] in place (x·cos + rotate_half(x)·sin, cos and
+    sin [T, D]), then k and v [T, KVH, D] into cache rows `slots` [T] (int64; -1: not stored) of the
+    [slots, KVH, D] caches. float32 CPU; any row and head strides, unit stride along D."""
+    _require()
+    T, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
+            raise ValueError(f"rope_store takes float32 CPU [T, heads, D] tensors with unit stride along D ({name})")
+    if k.shape != (T, kv_heads, dim) or v.shape != k.shape or dim % 2:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or t.shape != (T, dim) or t.stride(1) != 1:
+            raise ValueError(f"{name} must be float32 [{T}, {dim}] with unit stride along D")
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError("cos and sin need the same row stride")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[1:] != (kv_heads, dim):
+            raise ValueError(f"{name} must be a contiguous float32 [slots, {kv_heads}, {dim}] tensor")
+    if slots.dtype != torch.int64 or slots.shape != (T,) or not slots.is_contiguous():
+        raise ValueError(f"slots must be a contiguous int64 tensor of {T} values")
+    _library.loraplex_rope_store_f32(q.data_ptr(), q.stride(0), q.stride(1), heads, k.data_ptr(), k.stride(0),
+                                     k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), kv_heads, dim,
+                                     cos.data_ptr(), sin.data_ptr(), cos.stride(0), k_cache.data_ptr(),
+                                     v_cache.data_ptr(), slots.data_ptr(), T, torch.get_num_threads())
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = silu(gate) * up, [rows, width] float32 CPU (any row strides). Returns out."""
+    _require()
+    rows, cols = gate.shape
+    for name, t in (("gate", gate), ("up", up), ("out", out)):
+        _rows(name, t, cols)
+        if t.shape[0] != rows:
+            raise ValueError(f"gate has {rows} rows, {name} {t.shape[0]}")
+    _library.loraplex_silu_mul_f32(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(),
+                                   out.stride(0), rows, cols, torch.get_num_threads())
+    return out

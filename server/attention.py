@@ -141,11 +141,25 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     Returns (output [1, T, H, D], None).
     """
     meta: AttentionMeta = kwargs[META_KWARG]
-    layer = module.layer_idx
+    store_kv(meta, module.layer_idx, key, value)
+    return attend(module, query, key, value, meta, scaling), None
+
+
+def store_kv(meta: AttentionMeta, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the step's keys/values [1, KVH, T, D] into their cache slots."""
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
+
+def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMeta,
+           scaling: float | None) -> torch.Tensor:
+    """Every sequence's queries over its context, the step's keys/values already stored (`store_kv`).
+
+    query [1, H, T, D], key/value [1, KVH, T, D] (the fresh prefills read them directly); returns
+    [1, T, H, D].
+    """
+    k_cache, v_cache = meta.cache.k[module.layer_idx], meta.cache.v[module.layer_idx]
     num_heads, head_dim = query.shape[1], query.shape[3]
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
     window = getattr(module, "sliding_window", None) or meta.sliding_window
@@ -194,7 +208,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         mask = _mask(meta, span.query_len, k.shape[2], window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         output[span.query_start : span.query_start + span.query_len] = out[0].transpose(0, 1)
-    return output.unsqueeze(0), None
+    return output.unsqueeze(0)
 
 
 def _mask(meta: AttentionMeta, query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from loraplex.kernels.meta import LoRAMeta
 from loraplex.server import attention
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
+from loraplex.server.decoder import DecoderForward
 from loraplex.server.errors import UserError
 from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
 from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
@@ -104,6 +105,8 @@ class ModelRunner:
         self.adapter_dtype = self._adapter_dtype(adapters.dtype)
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
                                      self.lora_context, adapter_dtype=self.adapter_dtype)
+        self.decoder = DecoderForward.create(self.model)
+        """The lean forward for Llama-shaped models (server/decoder.py); None: the transformers forward."""
         self.base_spec = BaseModelSpec(
             targets={path: linear_features(module.base) for path, module in self.lora_table.items()},
             hidden_size=hf.hidden_size,
@@ -276,6 +279,9 @@ class ModelRunner:
             model_inputs = {"inputs_embeds": embeds}
         self._begin_adapters(token_slots)
         try:
+            if self.decoder is not None:
+                return self.decoder(torch.tensor([positions], dtype=torch.long, device=device), keep_index, meta,
+                                    **model_inputs).float()
             output = self.model(
                 **model_inputs,
                 position_ids=torch.tensor([positions], dtype=torch.long, device=device),

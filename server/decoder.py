@@ -1,0 +1,157 @@
+"""A lean forward pass for Llama-shaped decoders (Llama, Mistral, Qwen2, Qwen3), used by the model
+runner in place of the transformers model's own forward.
+
+It runs the same layers with the same math: the embedding, per layer RMSNorm -> q/k/v projections
+(Qwen3: per-head RMSNorm of q and k) -> rotary embedding -> `attention.paged_attention` -> o_proj ->
+residual add -> RMSNorm -> gate/up -> act(gate) * up -> down_proj -> residual add, the final norm and
+the LM head on the kept rows only. The projections are the model's own modules (our `LoRALinear`s,
+over plain, packed or 4-bit/8-bit base layers), so every adapter type is served as through the
+transformers forward; what goes away is the framework around the math: per-module calls, keyword
+plumbing, output containers, dtype round trips that are no-ops, and the split of a fused group's
+output into three transposed views that are put back together for the cache.
+
+Why: a CPU decode step of the bench model (512 x 8 layers, batch 16) spent about half its time in
+that glue (docs/benchmarks.md).
+
+`DecoderForward.create(model)` returns None for anything it does not recognise (other model classes,
+or modules that are not the standard ones), and the runner keeps the transformers forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.kernels import native
+from loraplex.server import attention
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""Model classes whose decoder layers are the standard pre-norm Llama layer (checked again per module)."""
+_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """The transformers RMSNorm of these models: in float32, cast back, then times the weight."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by position: x·cos + rotate_half(x)·sin (cos, sin [T, 1, D])."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class _Layer:
+    __slots__ = ("attn", "index", "q", "k", "v", "o", "gate", "up", "down", "act", "silu", "norm1", "norm2", "q_norm",
+                 "k_norm", "heads", "kv_heads", "head_dim", "scaling")
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn = attn
+        self.index = attn.layer_idx
+        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.silu = type(self.act).__name__ in ("SiLU", "SiLUActivation")
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.head_dim = attn.head_dim
+        self.heads = self.q.out_features // attn.head_dim
+        self.kv_heads = self.k.out_features // attn.head_dim
+        self.scaling = attn.scaling
+
+
+class DecoderForward:
+    """Runs a supported model's forward for one engine step (see the module doc)."""
+
+    def __init__(self, model: nn.Module):
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.layers = [_Layer(layer) for layer in inner.layers]
+
+    @classmethod
+    def create(cls, model: nn.Module) -> DecoderForward | None:
+        """The lean forward for `model`, or None when it is not a model this module knows."""
+        if type(model).__name__ not in SUPPORTED:
+            return None
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")):
+            return None
+        if type(inner.norm).__name__ not in _NORMS:
+            return None
+        for layer in inner.layers:
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if attn is None or type(mlp).__name__ not in _MLPS:
+                return None
+            if any(type(getattr(layer, name, None)).__name__ not in _NORMS
+                   for name in ("input_layernorm", "post_attention_layernorm")):
+                return None
+            if not all(hasattr(attn, name)
+                       for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")):
+                return None
+        return cls(model)
+
+    def __call__(self, position_ids: torch.Tensor, keep_index: torch.Tensor, meta: attention.AttentionMeta,
+                 input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(keep_index), vocab] of the kept rows. input_ids [1, T] or inputs_embeds [1, T, hidden]."""
+        h = self.embed(input_ids)[0] if inputs_embeds is None else inputs_embeds[0].clone()  # [T, hidden], ours
+        cos, sin = self.rotary(h[None], position_ids)
+        if native.takes_float32(h):
+            return self._forward_c(h, cos[0], sin[0], keep_index, meta)
+        return self._forward_torch(h, cos[0, :, None], sin[0, :, None], keep_index, meta)
+
+    def _forward_torch(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_index: torch.Tensor,
+                       meta: attention.AttentionMeta) -> torch.Tensor:
+        T = h.shape[0]
+        for layer in self.layers:
+            x = rms_norm(h, layer.norm1)
+            q, k, v = self._qkv(layer, x)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+            attention.store_kv(meta, layer.index, k, v)
+            out = attention.attend(layer.attn, q, k, v, meta, layer.scaling)
+            h = h + layer.o(out.view(T, -1))
+            x = rms_norm(h, layer.norm2)
+            h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+        return self.lm_head(rms_norm(h.index_select(0, keep_index), self.norm))
+
+    def _forward_c(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_index: torch.Tensor,
+                   meta: attention.AttentionMeta) -> torch.Tensor:
+        """The same steps on CPU in float32, the element-wise ones in C (`native.add_rms_norm`,
+        `rope_store`, `silu_mul`); each layer's residual add is folded into the next norm."""
+        T = h.shape[0]
+        delta = None
+        for layer in self.layers:
+            x = native.add_rms_norm(h, delta, layer.norm1.weight, layer.norm1.variance_epsilon, torch.empty_like(h))
+            q, k, v = self._qkv(layer, x)
+            native.rope_store(q, k, v, cos, sin, meta.cache.k[layer.index], meta.cache.v[layer.index],
+                              meta.slot_mapping)
+            out = attention.attend(layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                   v.transpose(0, 1)[None], meta, layer.scaling)
+            x = native.add_rms_norm(h, layer.o(out.view(T, -1)), layer.norm2.weight, layer.norm2.variance_epsilon,
+                                    torch.empty_like(h))
+            gate, up = layer.gate(x), layer.up(x)
+            if layer.silu:
+                delta = layer.down(native.silu_mul(gate, up, torch.empty_like(gate)))
+            else:
+                delta = layer.down(layer.act(gate) * up)
+        h.add_(delta)
+        return self.lm_head(rms_norm(h.index_select(0, keep_index), self.norm))
+
+    @staticmethod
+    def _qkv(layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's queries [T, H, D] and keys/values [T, KVH, D] (Qwen3: q and k normed per head)."""
+        T = x.shape[0]
+        q = layer.q(x).view(T, layer.heads, layer.head_dim)
+        k = layer.k(x).view(T, layer.kv_heads, layer.head_dim)
+        v = layer.v(x).view(T, layer.kv_heads, layer.head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm), rms_norm(k, layer.k_norm)
+        return q, k, v
