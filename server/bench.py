@@ -66,8 +66,8 @@ class BenchConfig:
     """Measured rounds; each runs every system once."""
     warmup: int = 1
     """Unmeasured rounds first (allocations, caches, lazy initialisation)."""
-    threads: int = 1
-    """torch intra-op threads (0: torch's default)."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default, one per core)."""
     seed: int = 0
     peft: bool = True
     hf: bool = True
@@ -154,8 +154,8 @@ def add_parser(subparsers) -> None:
     load.add_argument("--rounds", type=int, default=defaults.rounds, help=f"measured rounds (default {defaults.rounds})")
     load.add_argument("--warmup", type=int, default=defaults.warmup, help=f"unmeasured rounds (default {defaults.warmup})")
     load.add_argument("--threads", type=int, default=defaults.threads,
-                      help="torch intra-op threads, 0 for torch's default (default 1: on a shared 2-core VM two "
-                      "threads stall each other for milliseconds)")
+                      help="torch intra-op threads (default 0: torch's default, one per core, as a server runs; "
+                      "on a VM shared with busy neighbours, 1 gives steadier numbers)")
     load.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, adapters and draws (default 0)")
     load.add_argument("--no-peft", action="store_true", help="skip (c)")
     load.add_argument("--no-hf", action="store_true", help="skip (d)")

@@ -2,16 +2,18 @@
 runner in place of the transformers model's own forward.
 
 It runs the same layers with the same math: the embedding, per layer RMSNorm -> q/k/v projections
-(Qwen3: per-head RMSNorm of q and k) -> rotary embedding -> `attention.paged_attention` -> o_proj ->
-residual add -> RMSNorm -> gate/up -> act(gate) * up -> down_proj -> residual add, the final norm and
-the LM head on the kept rows only. The projections are the model's own modules (our `LoRALinear`s,
+(Qwen3: per-head RMSNorm of q and k) -> rotary embedding -> paged attention (`attention.store_kv`,
+`attention.attend`) -> o_proj -> residual add -> RMSNorm -> gate/up -> act(gate) * up -> down_proj ->
+residual add, the final norm and the LM head on the kept rows only. The projections are the model's own modules (our `LoRALinear`s,
 over plain, packed or 4-bit/8-bit base layers), so every adapter type is served as through the
 transformers forward; what goes away is the framework around the math: per-module calls, keyword
 plumbing, output containers, dtype round trips that are no-ops, and the split of a fused group's
 output into three transposed views that are put back together for the cache.
 
-Why: a CPU decode step of the bench model (512 x 8 layers, batch 16) spent about half its time in
-that glue (docs/benchmarks.md).
+Why: on CPU that glue and the small torch operations of the norms, the rotary embedding, the cache
+writes and the MLP's activation took 3 ms of a 12 ms base decode step of the bench model (512 x 8
+layers, batch 16, 2 threads; docs/benchmarks.md). On CPU float32 those steps run in C here
+(`native.add_rms_norm`, `rope_store`, `silu_mul`); elsewhere the torch formulas of transformers.
 
 `DecoderForward.create(model)` returns None for anything it does not recognise (other model classes,
 or modules that are not the standard ones), and the runner keeps the transformers forward.
@@ -20,7 +22,6 @@ or modules that are not the standard ones), and the runner keeps the transformer
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import native
