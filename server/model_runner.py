@@ -3,7 +3,9 @@
 A step's tokens are laid out flat, `(1, num_tokens)`, sequences ordered by adapter slot so that the
 tokens of one slot are contiguous (one segment per slot, no-adapter tokens last); the runner builds
 the step's `LoRAMeta` and `AttentionMeta` once and hands them to the layers (the LoRA context and the
-`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample.
+`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample. Llama,
+Mistral, Qwen2 and Qwen3 models run through the lean forward of `decoder.py` (the same layers without
+the transformers framework around them); other models through their transformers forward.
 """
 
 from __future__ import annotations
