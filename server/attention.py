@@ -126,7 +126,6 @@ class AttentionMeta:
     """[num_tokens] cache slot of each token of the step (long)."""
     spans: list[SequenceSpan]
     """Sequences attended one by one over their gathered context."""
-    sliding_window: int | None = None
     decode: DecodeBatch | None = None
     """Sequences decoding one token, attended together."""
     prefills: list[PrefillBatch] = field(default_factory=list)
@@ -142,7 +141,19 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     """
     meta: AttentionMeta = kwargs[META_KWARG]
     store_kv(meta, module.layer_idx, key, value)
-    return attend(module, query, key, value, meta, scaling), None
+    # the window as the model hands it to its attention function (Mistral: from its config; Qwen2/3,
+    # Gemma: the layer's own, None for full-attention layers), else the module's attribute
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    return attend(module, query, key, value, meta, scaling, window), None
+
+
+def layer_window(module) -> int | None:
+    """The sliding window a Llama-shaped attention module attends with (None: all positions): its own
+    `sliding_window` where it has one (Qwen2/3: None on full-attention layers), else its config's
+    (Mistral passes `config.sliding_window` to the attention function)."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(getattr(module, "config", None), "sliding_window", None)
 
 
 def store_kv(meta: AttentionMeta, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -153,16 +164,15 @@ def store_kv(meta: AttentionMeta, layer: int, key: torch.Tensor, value: torch.Te
 
 
 def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMeta,
-           scaling: float | None) -> torch.Tensor:
+           scaling: float | None, window: int | None) -> torch.Tensor:
     """Every sequence's queries over its context, the step's keys/values already stored (`store_kv`).
 
-    query [1, H, T, D], key/value [1, KVH, T, D] (the fresh prefills read them directly); returns
-    [1, T, H, D].
+    query [1, H, T, D], key/value [1, KVH, T, D] (the fresh prefills read them directly); window: each
+    query sees the last `window` positions only (None: all); returns [1, T, H, D].
     """
     k_cache, v_cache = meta.cache.k[module.layer_idx], meta.cache.v[module.layer_idx]
     num_heads, head_dim = query.shape[1], query.shape[3]
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
-    window = getattr(module, "sliding_window", None) or meta.sliding_window
     decode = meta.decode
     if decode is not None and native.takes_float32(query, k_cache):
         native.decode_attention(query[0].transpose(0, 1), decode.rows, k_cache, v_cache, decode.blocks,

@@ -49,7 +49,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class _Layer:
     __slots__ = ("attn", "index", "q", "k", "v", "o", "gate", "up", "down", "act", "silu", "norm1", "norm2", "q_norm",
-                 "k_norm", "heads", "kv_heads", "head_dim", "scaling")
+                 "k_norm", "heads", "kv_heads", "head_dim", "scaling", "window")
 
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
@@ -64,6 +64,7 @@ class _Layer:
         self.heads = self.q.out_features // attn.head_dim
         self.kv_heads = self.k.out_features // attn.head_dim
         self.scaling = attn.scaling
+        self.window = attention.layer_window(attn)
 
 
 class DecoderForward:
@@ -117,7 +118,7 @@ class DecoderForward:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             attention.store_kv(meta, layer.index, k, v)
-            out = attention.attend(layer.attn, q, k, v, meta, layer.scaling)
+            out = attention.attend(layer.attn, q, k, v, meta, layer.scaling, layer.window)
             h = h + layer.o(out.view(T, -1))
             x = rms_norm(h, layer.norm2)
             h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
@@ -135,7 +136,7 @@ class DecoderForward:
             native.rope_store(q, k, v, cos, sin, meta.cache.k[layer.index], meta.cache.v[layer.index],
                               meta.slot_mapping)
             out = attention.attend(layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                   v.transpose(0, 1)[None], meta, layer.scaling)
+                                   v.transpose(0, 1)[None], meta, layer.scaling, layer.window)
             x = native.add_rms_norm(h, layer.o(out.view(T, -1)), layer.norm2.weight, layer.norm2.variance_epsilon,
                                     torch.empty_like(h))
             gate, up = layer.gate(x), layer.up(x)

@@ -54,3 +54,35 @@ def test_unknown_layers_keep_the_transformers_forward(demo_model_dir):
 
     model.model.layers[1].mlp = OtherMLP()
     assert DecoderForward.create(model) is None
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_models_match_the_transformers_oracle(demo_model_factory, tmp_path, arch):
+    """A window shorter than the prompts: Mistral names it in its config only, Qwen2 on each attention
+    module (and only for the layers past max_window_layers)."""
+    import json
+    import shutil
+
+    from tests.engine.helpers import load_peft, oracle
+
+    base_dir = tmp_path / arch
+    shutil.copytree(demo_model_factory(arch), base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["sliding_window"] = 6
+    if arch == "qwen2":
+        config["use_sliding_window"], config["max_window_layers"] = True, 1
+        config.pop("layer_types", None)
+    (base_dir / "config.json").write_text(json.dumps(config))
+    engine = make_engine(base_dir)
+    model = load_peft(base_dir, None)
+    if arch == "qwen2":
+        assert [layer.self_attn.sliding_window for layer in model.model.layers][:2] == [None, 6]
+    for lean in (True, False):
+        if not lean:
+            engine.runner.decoder = None
+        results = {p: submit(engine, f"{lean}-{p}", PROMPTS[p], max_new_tokens=8, ignore_eos=True) for p in (0, 2)}
+        run_until_done(engine)
+        for p, collected in results.items():
+            tokens, logprobs = oracle(model, engine.tokenizer.encode(PROMPTS[p]), 8, None)
+            assert collected.token_ids == tokens, (lean, p)
+            assert max(abs(a - b) for a, b in zip(collected.logprobs, logprobs)) < 1e-4
