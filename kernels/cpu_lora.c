@@ -16,7 +16,7 @@
  * vector product per adapter). torch's batched matmul packs its operands first and pays a fixed
  * cost per call; this loop streams each weight row once from memory straight into the dot products
  * (decode) and reuses it from cache across a segment's tokens (prefill). Tokens are handled in
- * blocks of 4 so a weight row loaded once serves 4 tokens.
+ * blocks (4 in the shrink, 8 in the expand) so a weight row loaded once serves several tokens.
  *
  * Weights are float32, or bfloat16 (an opt-in storage format, --adapter-dtype bfloat16: half the
  * bytes to read; each weight is widened to float32 exactly, so only the stored values are rounded).
@@ -32,10 +32,10 @@
 
 #define ITEM_TOKENS 16
 #define TOKEN_BLOCK 4
+#define EXP_TOKENS 8 /* tokens x 32 outputs a multi-token expand sums in registers at once */
 #define MAX_SLICES 16
 #define DOT_LANES 64   /* partial sums of a decode dot product (independent FMA chains) */
 #define COL_BLOCK 64   /* outputs a decode expand sums in registers at once */
-#define EXP_COLS 32    /* outputs x 4 tokens a multi-token expand sums in registers at once */
 /* how far ahead of the row being read the next rows are requested (bytes) */
 #define PREFETCH_BYTES 4096
 #define CAT_(a, b) a##_##b
@@ -55,6 +55,32 @@ static inline void prefetch_span(const void *p, int64_t bytes)
     const char *c = (const char *)p;
     for (int64_t o = 0; o < bytes; o += 64)
         __builtin_prefetch(c + o, 0, 2);
+}
+
+typedef float vpanel __attribute__((vector_size(64)));
+#define PANEL 16
+#ifndef GEMM_PREFETCH
+#define GEMM_PREFETCH 8192 /* bytes ahead in a panel's stream */
+#endif
+
+static inline vpanel vload(const float *p)
+{
+    vpanel v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* the first n (<= PANEL) values of p, zeros after */
+static inline vpanel vload_n(const float *p, int n)
+{
+    vpanel v = {0};
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+}
+
+static inline void vstore_n(float *p, vpanel v, int n)
+{
+    memcpy(p, &v, sizeof(float) * (size_t)n);
 }
 
 #define WT float
@@ -89,32 +115,6 @@ static inline void prefetch_span(const void *p, int64_t bytes)
  * of weights there on the 2-core VM, this loop 9-17 GB/s (docs/benchmarks.md); for prefill-sized
  * M (hundreds of rows) it runs at 0.9-0.95 of oneDNN.
  * ------------------------------------------------------------------------------------------------ */
-typedef float vpanel __attribute__((vector_size(64)));
-#define PANEL 16
-#ifndef GEMM_PREFETCH
-#define GEMM_PREFETCH 8192 /* bytes ahead in a panel's stream */
-#endif
-
-static inline vpanel vload(const float *p)
-{
-    vpanel v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* the first n (<= PANEL) values of p, zeros after */
-static inline vpanel vload_n(const float *p, int n)
-{
-    vpanel v = {0};
-    memcpy(&v, p, sizeof(float) * (size_t)n);
-    return v;
-}
-
-static inline void vstore_n(float *p, vpanel v, int n)
-{
-    memcpy(p, &v, sizeof(float) * (size_t)n);
-}
-
 /* RB rows (xt: [K][RB]) x panels w0, w1; stores rows [0, mm) of columns [0, n0) and [PANEL, PANEL + n1) */
 #define GEMM_BLOCK(RBN)                                                                                   \
     static void gemm_block_##RBN(const float *xt, int64_t K, const float *w0, const float *w1,           \

@@ -63,10 +63,19 @@ static void FN(shrink_rows)(const WT *a, int64_t in, int r, const float *const *
     }
 }
 
+/* 16 weights as float32 (a row chunk of B) */
+static inline vpanel FN(loadw16)(const WT *p)
+{
+    float f[PANEL];
+    for (int l = 0; l < PANEL; l++)
+        f[l] = LOADW(p[l]);
+    return vload(f);
+}
+
 /* Expand for every slice of one slot:
  *   y_t[off_i : off_i + w_i] += scale_i * (v_i[t, :r_i] @ B_t[slot, :r_i, off_i : off_i + w_i])
  * v_i for token t at v[(i * ITEM_TOKENS + t) * R]. One token (decode): COL_BLOCK outputs at a time,
- * summed over the rank in registers. More tokens: blocks of 4 tokens x EXP_COLS outputs. */
+ * summed over the rank in registers. More tokens: blocks of EXP_TOKENS tokens x 32 outputs. */
 static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, const int *rank,
                             const int64_t *offsets, const int64_t *widths, const float *scale, const float *v,
                             int64_t R, float *const *yr, int nt)
@@ -105,8 +114,8 @@ static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, 
         }
         return;
     }
-    /* more tokens: blocks of 4 tokens x EXP_COLS outputs summed in registers over the rank; a row
-     * chunk of B loaded once serves 4 tokens */
+    /* more tokens: blocks of EXP_TOKENS tokens x 2 panels of 16 outputs summed in vector registers over
+     * the rank; two vector loads of a row of B serve EXP_TOKENS tokens */
     for (int64_t i = 0; i < num_slices; i++) {
         const int r = rank[i];
         if (r <= 0)
@@ -114,40 +123,37 @@ static void FN(expand_slot)(const WT *b, int64_t out_total, int64_t num_slices, 
         const WT *bi = b + offsets[i];
         const float s = scale[i];
         const int64_t w = widths[i];
-        for (int t = 0; t < nt; t += TOKEN_BLOCK) {
-            const int nb = nt - t < TOKEN_BLOCK ? nt - t : TOKEN_BLOCK;
-            const float *v0 = v + (i * ITEM_TOKENS + t) * R;
-            const float *v1 = nb > 1 ? v0 + R : v0, *v2 = nb > 2 ? v0 + 2 * R : v0, *v3 = nb > 3 ? v0 + 3 * R : v0;
+        for (int t = 0; t < nt; t += EXP_TOKENS) {
+            const int nb = nt - t < EXP_TOKENS ? nt - t : EXP_TOKENS;
+            const float *vu[EXP_TOKENS];
+            for (int u = 0; u < EXP_TOKENS; u++)
+                vu[u] = v + (i * ITEM_TOKENS + t + (u < nb ? u : 0)) * R;
             int64_t o = 0;
-            for (; o + EXP_COLS <= w; o += EXP_COLS) {
-                float c0[EXP_COLS] = {0.f}, c1[EXP_COLS] = {0.f}, c2[EXP_COLS] = {0.f}, c3[EXP_COLS] = {0.f};
+            for (; o + 2 * PANEL <= w; o += 2 * PANEL) {
+                vpanel c0[EXP_TOKENS], c1[EXP_TOKENS];
+                for (int u = 0; u < EXP_TOKENS; u++)
+                    c0[u] = c1[u] = (vpanel){0};
                 for (int j = 0; j < r; j++) {
                     const WT *bj = bi + (int64_t)j * out_total + o;
-                    const float u0 = v0[j], u1 = v1[j], u2 = v2[j], u3 = v3[j];
-#pragma omp simd
-                    for (int l = 0; l < EXP_COLS; l++) {
-                        const float bv = LOADW(bj[l]);
-                        c0[l] += u0 * bv;
-                        c1[l] += u1 * bv;
-                        c2[l] += u2 * bv;
-                        c3[l] += u3 * bv;
+                    const vpanel b0 = FN(loadw16)(bj), b1 = FN(loadw16)(bj + PANEL);
+#pragma GCC unroll 8
+                    for (int u = 0; u < EXP_TOKENS; u++) {
+                        c0[u] += vu[u][j] * b0;
+                        c1[u] += vu[u][j] * b1;
                     }
                 }
-                float *const cs[4] = {c0, c1, c2, c3};
                 for (int u = 0; u < nb; u++) {
                     float *yt = yr[t + u] + offsets[i] + o;
-                    const float *cu = cs[u];
-#pragma omp simd
-                    for (int l = 0; l < EXP_COLS; l++)
-                        yt[l] += s * cu[l];
+                    const vpanel y0 = vload(yt) + s * c0[u], y1 = vload(yt + PANEL) + s * c1[u];
+                    memcpy(yt, &y0, sizeof y0);
+                    memcpy(yt + PANEL, &y1, sizeof y1);
                 }
             }
             for (; o < w; o++) {
-                const float *vs[4] = {v0, v1, v2, v3};
                 for (int u = 0; u < nb; u++) {
                     float sum = 0.f;
                     for (int j = 0; j < r; j++)
-                        sum += vs[u][j] * LOADW(bi[(int64_t)j * out_total + o]);
+                        sum += vu[u][j] * LOADW(bi[(int64_t)j * out_total + o]);
                     yr[t + u][offsets[i] + o] += s * sum;
                 }
             }
