@@ -19,7 +19,8 @@ static void FN(shrink_rows)(const WT *a, int64_t in, int r, const float *const *
             const int nj = r - j < 4 ? r - j : 4;
             const WT *r0 = a + (int64_t)j * in;
             const WT *r1 = nj > 1 ? r0 + in : r0, *r2 = nj > 2 ? r0 + 2 * in : r0, *r3 = nj > 3 ? r0 + 3 * in : r0;
-            prefetch_span((const char *)r0 + PREFETCH_BYTES, 4 * row_bytes);
+            if (t == 0) /* later token blocks find these rows in cache */
+                prefetch_span((const char *)r0 + PREFETCH_BYTES, 4 * row_bytes);
             float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
             float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
 #pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
