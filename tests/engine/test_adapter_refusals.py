@@ -110,3 +110,25 @@ def test_a_good_adapter_still_registers_after_the_refusals(engine, good):
     info = engine.register_adapter("good", str(good))
     assert info.peft_type == "LORA" and info.max_rank == 4 and info.target_modules == ["q_proj", "v_proj"]
     assert info.size_bytes > 0
+
+
+@pytest.mark.parametrize("read_whole", [True, False])
+def test_unreadable_weights_file(engine, good, tmp_path, monkeypatch, read_whole):
+    """A truncated safetensors file is refused, whether it is read whole (small files) or mapped."""
+    from loraplex.server import adapter_loader
+
+    monkeypatch.setattr(adapter_loader, "READ_WHOLE_BYTES", 64 << 20 if read_whole else 0)
+    path = _copy(good, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    _refused(engine, path, "adapter_model.safetensors cannot be read")
+
+
+@pytest.mark.parametrize("read_whole", [True, False])
+def test_both_ways_of_reading_give_the_same_tensors(good, monkeypatch, read_whole):
+    from loraplex.server import adapter_loader
+
+    monkeypatch.setattr(adapter_loader, "READ_WHOLE_BYTES", 64 << 20 if read_whole else 0)
+    tensors = adapter_loader.read_tensors(good, allow_pickle=False)
+    expected = load_file(good / "adapter_model.safetensors")
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
