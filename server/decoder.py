@@ -4,16 +4,17 @@ runner in place of the transformers model's own forward.
 It runs the same layers with the same math: the embedding, per layer RMSNorm -> q/k/v projections
 (Qwen3: per-head RMSNorm of q and k) -> rotary embedding -> paged attention (`attention.store_kv`,
 `attention.attend`) -> o_proj -> residual add -> RMSNorm -> gate/up -> act(gate) * up -> down_proj ->
-residual add, the final norm and the LM head on the kept rows only. The projections are the model's own modules (our `LoRALinear`s,
-over plain, packed or 4-bit/8-bit base layers), so every adapter type is served as through the
-transformers forward; what goes away is the framework around the math: per-module calls, keyword
-plumbing, output containers, dtype round trips that are no-ops, and the split of a fused group's
-output into three transposed views that are put back together for the cache.
+residual add, the final norm and the LM head on the kept rows only. The projections and norms are the
+model's own modules (the projections our `LoRALinear`s, over plain, packed or 4-bit/8-bit base
+layers), so every adapter type is served as through the transformers forward; what goes away is the
+framework around the math: per-module calls, keyword plumbing, output containers, and the split of a
+fused group's output into three transposed views that are put back together for the cache.
 
 Why: on CPU that glue and the small torch operations of the norms, the rotary embedding, the cache
 writes and the MLP's activation took 3 ms of a 12 ms base decode step of the bench model (512 x 8
 layers, batch 16, 2 threads; docs/benchmarks.md). On CPU float32 those steps run in C here
-(`native.add_rms_norm`, `rope_store`, `silu_mul`); elsewhere the torch formulas of transformers.
+(`native.add_rms_norm`, `rope_store`, `silu_mul`); elsewhere the model's norm modules and the
+transformers formulas.
 
 `DecoderForward.create(model)` returns None for anything it does not recognise (other model classes,
 or modules that are not the standard ones), and the runner keeps the transformers forward.
@@ -31,14 +32,6 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 """Model classes whose decoder layers are the standard pre-norm Llama layer (checked again per module)."""
 _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 _MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-
-
-def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The transformers RMSNorm of these models: in float32, cast back, then times the weight."""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,50 +95,31 @@ class DecoderForward:
 
     def __call__(self, position_ids: torch.Tensor, keep_index: torch.Tensor, meta: attention.AttentionMeta,
                  input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(keep_index), vocab] of the kept rows. input_ids [1, T] or inputs_embeds [1, T, hidden]."""
+        """Logits [len(keep_index), vocab] of the kept rows. input_ids [1, T] or inputs_embeds [1, T, hidden].
+
+        On CPU in float32 the element-wise steps run in C (`native.add_rms_norm`, `rope_store`,
+        `silu_mul`); elsewhere the model's own norms and transformers' formulas. Each layer's residual
+        add is folded into the next norm."""
         h = self.embed(input_ids)[0] if inputs_embeds is None else inputs_embeds[0].clone()  # [T, hidden], ours
         cos, sin = self.rotary(h[None], position_ids)
-        if native.takes_float32(h):
-            return self._forward_c(h, cos[0], sin[0], keep_index, meta)
-        return self._forward_torch(h, cos[0, :, None], sin[0, :, None], keep_index, meta)
-
-    def _forward_torch(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_index: torch.Tensor,
-                       meta: attention.AttentionMeta) -> torch.Tensor:
-        T = h.shape[0]
-        for layer in self.layers:
-            x = rms_norm(h, layer.norm1)
-            q, k, v = self._qkv(layer, x)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            attention.store_kv(meta, layer.index, k, v)
-            out = attention.attend(layer.attn, q, k, v, meta, layer.scaling, layer.window)
-            h = h + layer.o(out.view(T, -1))
-            x = rms_norm(h, layer.norm2)
-            h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
-        return self.lm_head(rms_norm(h.index_select(0, keep_index), self.norm))
-
-    def _forward_c(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep_index: torch.Tensor,
-                   meta: attention.AttentionMeta) -> torch.Tensor:
-        """The same steps on CPU in float32, the element-wise ones in C (`native.add_rms_norm`,
-        `rope_store`, `silu_mul`); each layer's residual add is folded into the next norm."""
+        cos, sin = cos[0], sin[0]  # [T, D]
+        in_c = native.takes_float32(h)
         T = h.shape[0]
         delta = None
         for layer in self.layers:
-            x = native.add_rms_norm(h, delta, layer.norm1.weight, layer.norm1.variance_epsilon, torch.empty_like(h))
+            h, x = _add_norm(h, delta, layer.norm1, in_c)
             q, k, v = self._qkv(layer, x)
-            native.rope_store(q, k, v, cos, sin, meta.cache.k[layer.index], meta.cache.v[layer.index],
-                              meta.slot_mapping)
+            q, k = _rope_store(q, k, v, cos, sin, meta, layer.index, in_c)
             out = attention.attend(layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                    v.transpose(0, 1)[None], meta, layer.scaling, layer.window)
-            x = native.add_rms_norm(h, layer.o(out.view(T, -1)), layer.norm2.weight, layer.norm2.variance_epsilon,
-                                    torch.empty_like(h))
+            h, x = _add_norm(h, layer.o(out.view(T, -1)), layer.norm2, in_c)
             gate, up = layer.gate(x), layer.up(x)
-            if layer.silu:
+            if in_c and layer.silu:
                 delta = layer.down(native.silu_mul(gate, up, torch.empty_like(gate)))
             else:
                 delta = layer.down(layer.act(gate) * up)
         h.add_(delta)
-        return self.lm_head(rms_norm(h.index_select(0, keep_index), self.norm))
+        return self.lm_head(self.norm(h.index_select(0, keep_index)))
 
     @staticmethod
     def _qkv(layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,5 +129,27 @@ class DecoderForward:
         k = layer.k(x).view(T, layer.kv_heads, layer.head_dim)
         v = layer.v(x).view(T, layer.kv_heads, layer.head_dim)
         if layer.q_norm is not None:
-            q, k = rms_norm(q, layer.q_norm), rms_norm(k, layer.k_norm)
+            q, k = layer.q_norm(q), layer.k_norm(k)
         return q, k, v
+
+
+def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module,
+              in_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, norm(h + delta)); delta None: nothing to add. In C, h is updated in place."""
+    if in_c:
+        return h, native.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, torch.empty_like(h))
+    if delta is not None:
+        h = h + delta
+    return h, norm(h)
+
+
+def _rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: attention.AttentionMeta, layer: int, in_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, D] and k [T, KVH, D] rotated (in place in C), k and v written to the layer's cache
+    slots; returns the rotated q and k."""
+    if in_c:
+        native.rope_store(q, k, v, cos, sin, meta.cache.k[layer], meta.cache.v[layer], meta.slot_mapping)
+        return q, k
+    q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
+    attention.store_kv(meta, layer, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    return q, k
