@@ -142,8 +142,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     meta: AttentionMeta = kwargs[META_KWARG]
     store_kv(meta, module.layer_idx, key, value)
     # the window as the model hands it to its attention function (Mistral: from its config; Qwen2/3,
-    # Gemma: the layer's own, None for full-attention layers), else the module's attribute
-    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    # Gemma: the layer's own, None for full-attention layers), else as `layer_window` finds it
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else layer_window(module)
     return attend(module, query, key, value, meta, scaling, window), None
 
 
