@@ -164,6 +164,13 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def _float32_cpu(where: str, **tensors: torch.Tensor) -> None:
+    """Raise unless every tensor is float32, on the CPU, with unit stride along its last dimension."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"{where} takes float32 CPU tensors with unit stride along the last dimension ({name})")
+
+
 # ------------------------------------------------------------------ base projections (GEMM)
 PANEL = 16  # as cpu_lora.c
 
@@ -194,8 +201,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out
     """
     _require()
     m, k = x.shape
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
-        raise ValueError("linear takes float32 CPU activations with unit stride along features")
+    _float32_cpu("linear", x=x)
     if panels.shape[1] != k or panels.shape[0] * PANEL < out_features or not panels.is_contiguous():
         raise ValueError(f"packed weight {tuple(panels.shape)} does not fit x [{m}, {k}] -> {out_features}")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() < out_features):
@@ -224,9 +230,7 @@ def decode_attention(q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
     _require()
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[1]
-    for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"decode_attention takes float32 CPU tensors with unit stride along D ({name})")
+    _float32_cpu("decode_attention", q=q, out=out, k_cache=k_cache, v_cache=v_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
         raise ValueError("k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] of one shape")
     if k_cache.shape[2] != dim or heads % kv_heads or out.shape[1:] != q.shape[1:]:
@@ -328,11 +332,9 @@ def meta_args(meta: LoRAMeta) -> tuple:
 def apply_prepared(x: torch.Tensor, y: torch.Tensor, pool: PreparedPool, step: tuple) -> torch.Tensor:
     """`lora_apply` for a pool from `prepare_pool` and a layout from `meta_args`: only x and y are
     checked here. Returns y."""
-    if (x.dtype != torch.float32 or y.dtype != torch.float32 or x.device.type != "cpu"
-            or y.device.type != "cpu" or x.dim() != 2 or y.dim() != 2):
-        raise ValueError("the CPU LoRA kernel takes 2-D float32 CPU x and y")
-    if x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("x and y need unit stride along features")
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError("the CPU LoRA kernel takes 2-D x and y")
+    _float32_cpu("the CPU LoRA kernel", x=x, y=y)
     num_tokens, max_slots, seg_slot, seg_start, seg_len, num_segments, order = step
     T = x.shape[0]
     if y.shape[0] != T or T != num_tokens:
@@ -372,9 +374,10 @@ def lora_apply(
 
 
 # ------------------------------------------------------------------ decoder layers' element-wise steps
-def _rows(name: str, t: torch.Tensor, cols: int) -> None:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1 or t.shape[1] != cols:
-        raise ValueError(f"{name} must be a float32 CPU [rows, {cols}] tensor with unit stride along features")
+def _rows(where: str, name: str, t: torch.Tensor, cols: int) -> None:
+    _float32_cpu(where, **{name: t})
+    if t.dim() != 2 or t.shape[1] != cols:
+        raise ValueError(f"{name} must be a [rows, {cols}] tensor")
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -383,10 +386,10 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     the transformers RMSNorm of Llama-shaped models. All [rows, hidden] float32 CPU. Returns out."""
     _require()
     rows, cols = h.shape
-    _rows("h", h, cols)
-    _rows("out", out, cols)
+    _rows("add_rms_norm", "h", h, cols)
+    _rows("add_rms_norm", "out", out, cols)
     if delta is not None:
-        _rows("delta", delta, cols)
+        _rows("add_rms_norm", "delta", delta, cols)
     if delta is not None and delta.shape[0] != rows or out.shape[0] != rows:
         raise ValueError(f"h has {rows} rows, delta {None if delta is None else delta.shape[0]}, out {out.shape[0]}")
     if weight.dtype != torch.float32 or weight.shape != (cols,) or not weight.is_contiguous():
@@ -403,16 +406,16 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     sin [T, D]), then k and v [T, KVH, D] into cache rows `slots` [T] (int64; -1: not stored) of the
     [slots, KVH, D] caches. float32 CPU; any row and head strides, unit stride along D."""
     _require()
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError("rope_store takes [T, heads, D] q, k and v")
     T, heads, dim = q.shape
     kv_heads = k.shape[1]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
-            raise ValueError(f"rope_store takes float32 CPU [T, heads, D] tensors with unit stride along D ({name})")
+    _float32_cpu("rope_store", q=q, k=k, v=v, cos=cos, sin=sin)
     if k.shape != (T, kv_heads, dim) or v.shape != k.shape or dim % 2:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32 or t.shape != (T, dim) or t.stride(1) != 1:
-            raise ValueError(f"{name} must be float32 [{T}, {dim}] with unit stride along D")
+        if t.shape != (T, dim):
+            raise ValueError(f"{name} must be [{T}, {dim}]")
     if cos.stride(0) != sin.stride(0):
         raise ValueError("cos and sin need the same row stride")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -431,7 +434,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.T
     _require()
     rows, cols = gate.shape
     for name, t in (("gate", gate), ("up", up), ("out", out)):
-        _rows(name, t, cols)
+        _rows("silu_mul", name, t, cols)
         if t.shape[0] != rows:
             raise ValueError(f"gate has {rows} rows, {name} {t.shape[0]}")
     _library.loraplex_silu_mul_f32(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(),
