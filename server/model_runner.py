@@ -157,11 +157,11 @@ class ModelRunner:
         return sum(group.pool.nbytes() for group in groups.values())
 
     def _base_weight(self, path: str) -> torch.Tensor:
-        """The projection's weight [out, in] in float32, dequantized as peft does for DoRA."""
+        """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA."""
         from peft.utils.integrations import dequantize_module_weight
 
         with torch.no_grad():
-            return dequantize_module_weight(self.lora_table[path].base).detach().float()
+            return dequantize_module_weight(self.lora_table[path].base).detach()
 
     # ------------------------------------------------------------------ adapters
     def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
