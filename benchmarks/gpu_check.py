@@ -217,6 +217,17 @@ def make_engine(ctx: Context, model_dir: Path, quantization: str = "none", slots
     return LLMEngine(config)
 
 
+def release(engine) -> None:
+    """Stop the engine's loader thread (it holds the runner) and give its device memory back."""
+    import gc
+
+    engine.close()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def generate(engine, requests: dict[str, tuple[list[int], str | None]], new_tokens: int,
              on_step=None) -> dict[str, tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs for each request id, all submitted at once."""
@@ -304,7 +315,7 @@ def compare_with_peft(ctx: Context, quantization: str, kinds: tuple[str, ...] = 
     requests = {name: (prompts[name], None if name == "base" else name) for name in prompts}
     mixed = generate(engine, requests, s.new_tokens)
     alone = {name: generate(engine, {name: request}, s.new_tokens)[name] for name, request in requests.items()}
-    del engine
+    release(engine)
     rows = {}
     for name in requests:
         model = load_peft(ctx, model_dir, None if name == "base" else adapters[name], quantization)
@@ -350,6 +361,7 @@ def section_nf4(ctx: Context) -> dict:
     started = time.perf_counter()
     generate(engine, {"long": (prompt, "dora")}, 1)
     ctx.sync()
+    release(engine)
     result["prefill_tokens"] = s.prefill_tokens
     result["prefill_s"] = time.perf_counter() - started
     if ctx.cuda:
@@ -407,6 +419,7 @@ def section_decode(ctx: Context) -> dict:
     else:
         result["kernel_launches_per_step"] = NEEDS_CUDA
         result["gpu_busy_fraction"] = NEEDS_CUDA
+    release(engine)
     return result
 
 
@@ -436,19 +449,26 @@ def profile_step(ctx: Context, engine, requests) -> dict:
         engine.add_request(GenerationRequest(f"p-{rid}", prompt_token_ids=tuple(prompt), adapter_id=adapter,
                                              sampling=SamplingParams(max_new_tokens=8, ignore_eos=True)),
                            lambda output: None)
-    for _ in range(3):  # prefill, then two decode steps to warm up
-        engine.step()
+    batch = len(requests)
+    for _ in range(64):  # through the prefill to the first decode steps of the whole batch
+        stats = engine.step()
+        if stats is not None and stats.num_tokens == batch and stats.num_sequences == batch:
+            break
+    engine.step()  # one more decode step, warm
     ctx.sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
         engine.step()
         ctx.sync()
         wall = time.perf_counter() - started
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    busy = sum(e.device_time for e in kernels) * 1e-6  # µs -> s; kernels of one stream do not overlap
+    device_events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+    # kernels of one stream do not overlap, so their summed time is the time the GPU was busy (µs)
+    busy = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in device_events) * 1e-6
     while engine.has_work():
         engine.step()
-    return dict(kernel_launches_per_step=len(kernels), gpu_busy_fraction=busy / wall, profiled_step_s=wall)
+    return dict(kernel_launches_per_step=len(kernels), copies_per_step=len(device_events) - len(kernels),
+                gpu_busy_fraction=busy / wall, profiled_step_s=wall)
 
 
 # ----------------------------------------------------------------------------- 5. load
@@ -490,6 +510,7 @@ def section_load(ctx: Context) -> dict:
                       floor_over_load=device_bytes / bandwidth / result["load_s_median"])
     else:
         result["pcie_gb_s"] = NEEDS_CUDA
+    release(engine)
     return result
 
 
@@ -497,8 +518,13 @@ def section_load(ctx: Context) -> dict:
 def section_train(ctx: Context) -> dict:
     from importlib import resources
 
-    from loraplex.server.cli import main as cli
+    from loraplex.server.train import cli as train_cli
     from loraplex.server.train.greedy import greedy_decode
+
+    # `loraplex train`'s own parser and runner, without the rest of the CLI (its gRPC client needs
+    # grpcio/protobuf versions a bare GPU image may lack)
+    parser = argparse.ArgumentParser(prog="loraplex")
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
 
     s = ctx.sizes
     model_dir = build_model(ctx, s.hidden, s.layers, s.intermediate)
@@ -510,13 +536,13 @@ def section_train(ctx: Context) -> dict:
                 "--max-steps", str(s.train_steps), "--batch-size", "4", "--lr", "5e-3", "--device",
                 "cuda" if ctx.cuda else "cpu", "--overwrite", "--quiet"]
         started = time.perf_counter()
-        code = cli(args)
+        code = train_cli.run(parser.parse_args(args))
         summary = json.loads((out / "training_summary.json").read_text())
         engine = make_engine(ctx, model_dir, quantization, slots=2)
         engine.register_adapter(method, str(out))
         prompt = engine.tokenizer.encode("Q: Where do fish live?\nA:")
         served = generate(engine, {"q": (prompt, method)}, s.new_tokens)["q"][0]
-        del engine
+        release(engine)
         model = load_peft(ctx, model_dir, out, quantization)
         peft_tokens, _ = greedy_decode(model, prompt, s.new_tokens, None)
         del model
