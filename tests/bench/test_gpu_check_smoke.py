@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,13 +17,32 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 NEEDS_CUDA = "skipped: needs CUDA"
 
 
-def test_smoke_runs_every_section(tmp_path):
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """The script as a module, run in this process (what `python benchmarks/gpu_check.py --smoke` runs,
+    without a second interpreter's imports); --smoke's settings are restored afterwards."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # --smoke runs single-threaded; the rest of the suite does not
+
+
+def run_smoke(gpu_check, monkeypatch, out: Path, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke", "--json", str(out), *args])
+    return gpu_check.main()
+
+
+def test_smoke_runs_every_section(gpu_check, monkeypatch, tmp_path):
     out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    code = run_smoke(gpu_check, monkeypatch, out)
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert run.returncode == 0, (run.stderr[-3000:], {k: v.get("traceback") for k, v in sections.items()})
+    assert code == 0, {name: section.get("traceback") for name, section in sections.items()}
     assert list(sections) == ["kernels", "engine", "nf4", "decode", "load", "train"]
     assert all(section["status"] == "ok" for section in sections.values())
     assert report["environment"]["smoke"] is True
@@ -47,23 +67,20 @@ def test_smoke_runs_every_section(tmp_path):
         assert trained["loss_falls"] and trained["served_tokens"] > 0 and trained["token_agreement_vs_peft"] == 1.0
 
 
-def test_a_failing_section_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
-    spec.loader.exec_module(gpu_check)
-
+def test_a_failing_section_is_recorded_and_the_next_runs(gpu_check, monkeypatch, tmp_path):
     def broken(ctx):
         raise RuntimeError("planted failure")
 
     out = tmp_path / "result.json"
     monkeypatch.setattr(gpu_check, "SECTIONS", (("kernels", broken), ("load", gpu_check.section_load)))
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke", "--json", str(out), "--workdir", str(tmp_path / "w")])
-    threads = torch.get_num_threads()
-    try:
-        assert gpu_check.main() == 1
-    finally:
-        torch.set_num_threads(threads)  # --smoke runs single-threaded; the rest of the suite does not
+    assert run_smoke(gpu_check, monkeypatch, out) == 1
     sections = json.loads(out.read_text())["sections"]
     assert sections["kernels"]["status"] == "error" and "planted failure" in sections["kernels"]["traceback"]
     assert sections["load"]["status"] == "ok"
+
+
+def test_without_cuda_the_full_run_refuses_and_points_to_smoke(monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    run = subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--smoke" in run.stderr
