@@ -414,11 +414,9 @@ def section_decode(ctx: Context) -> dict:
                   decode_steps_timed=len(step_times), step_s_median=median,
                   base_bytes=base_bytes, adapter_bytes=adapters_bytes, copy_bandwidth_gb_s=bandwidth / 1e9,
                   floor_s=floor, floor_over_step=floor / median if step_times else None)
-    if ctx.cuda:
-        result.update(profile_step(ctx, engine, requests))
-    else:
-        result["kernel_launches_per_step"] = NEEDS_CUDA
-        result["gpu_busy_fraction"] = NEEDS_CUDA
+    result.update(profile_step(ctx, engine, requests))
+    if not ctx.cuda:  # the profiler ran, but a CPU step launches no kernels
+        result.update(kernel_launches_per_step=NEEDS_CUDA, copies_per_step=NEEDS_CUDA, gpu_busy_fraction=NEEDS_CUDA)
     release(engine)
     return result
 
@@ -456,7 +454,7 @@ def profile_step(ctx: Context, engine, requests) -> dict:
             break
     engine.step()  # one more decode step, warm
     ctx.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])) as prof:
         started = time.perf_counter()
         engine.step()
         ctx.sync()
