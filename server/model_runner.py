@@ -157,7 +157,8 @@ class ModelRunner:
         return sum(group.pool.nbytes() for group in groups.values())
 
     def _base_weight(self, path: str) -> torch.Tensor:
-        """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA."""
+        """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA
+        (a 4-bit/8-bit weight whole, in the compute dtype: one weight's worth, freed after its norms)."""
         from peft.utils.integrations import dequantize_module_weight
 
         with torch.no_grad():
