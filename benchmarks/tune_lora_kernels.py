@@ -39,7 +39,7 @@ BEGIN = "# --- BEGIN TUNED TABLE"
 END = "# --- END TUNED TABLE ---"
 
 
-def search_space(shape_class: str, quick: bool, smoke: bool) -> dict:
+def search_space(shape_class: str, quick: bool, smoke: bool, allow_split_k: bool = False) -> dict:
     if smoke:
         return dict(block_m=[16], shrink=[dict(block_n=16, block_k=k, split_k=s, num_warps=4, num_stages=2)
                                           for k, s in [(32, 1), (64, 2)]],
@@ -52,6 +52,8 @@ def search_space(shape_class: str, quick: bool, smoke: bool) -> dict:
         block_m = [32, 64, 128]
         ks, splits, warps, stages = (64, 128), (1, 2, 4), (4, 8), (2, 3)
         ns, ewarps, estages = (64, 128, 256), (4, 8), (2,)
+    if not allow_split_k:  # split_k > 1 adds with float atomics: the same step would not give the same bits
+        splits = (1,)
     if quick:
         block_m = block_m[-2:] if len(block_m) > 1 else block_m
         ks, warps, stages, ewarps, estages = ks[-2:], warps[:1], stages[:1], ewarps[:1], estages[-1:]
@@ -99,10 +101,10 @@ def total_time(bench, loads, kernel: str, cfg: dict) -> float:
     return total
 
 
-def tune_class(shape_class, device, groups, cases, quick, smoke):
+def tune_class(shape_class, device, groups, cases, quick, smoke, allow_split_k=False):
     bench = timer(device)
     loads = workloads(device, groups, [c for c in cases if c.name == shape_class])
-    space = search_space(shape_class, quick, smoke)
+    space = search_space(shape_class, quick, smoke, allow_split_k)
     best = None
     for block_m in space["block_m"]:
         for slots, meta, _ in loads:
@@ -130,6 +132,8 @@ def main() -> int:
     p.add_argument("--write", action="store_true", help=f"rewrite {CONFIGS_PY} (between its markers)")
     p.add_argument("--quick", action="store_true", help="a smaller search space")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--allow-split-k", action="store_true",
+                   help="also try split_k > 1 (float atomics: identical steps may then differ in the last bits)")
     args = p.parse_args()
     if args.smoke:
         device, groups, cases, card = torch.device("cpu"), GROUPS_SMOKE, CASES_SMOKE, "cpu (smoke)"
@@ -140,7 +144,8 @@ def main() -> int:
         return 2
     table, totals = {}, []
     for shape_class in configs.SHAPE_CLASSES:
-        total, entry = tune_class(shape_class, device, groups, cases, args.quick, args.smoke)
+        total, entry = tune_class(shape_class, device, groups, cases, args.quick, args.smoke,
+                                  args.allow_split_k)
         table[shape_class] = entry
         totals.append(f"{shape_class} {total * 1e6:.0f} µs")
     import triton

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from .devices import same_device
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -19,7 +21,7 @@ def check_tensor(name: str, t: object, ndim: int, dtypes: Sequence[torch.dtype] 
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of {allowed}")
-    if device is not None and t.device != device:
+    if device is not None and not same_device(t.device, device):
         raise ValueError(f"{name} is on {t.device}, expected {device} (same device as x)")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")

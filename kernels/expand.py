@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import configs
 from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_slices
+from .devices import same_device
 from .meta import LoRAMeta
 from .triton_utils import check_launch_device, for_current_mode, next_pow2
 
@@ -133,9 +134,9 @@ def triton_expand(
         raise ValueError(f"v has {num_slices} slices; the expand kernel takes at most {MAX_SLICES}")
     check_pools(ranks, scalings, num_slices, S)
     for name, t in (("v", v), ("B_t", B_t), ("ranks", ranks), ("scalings", scalings)):
-        if t.device != y.device:
+        if not same_device(t.device, y.device):
             raise ValueError(f"{name} is on {t.device}, expected {y.device} (y's device)")
-    if meta.device != y.device:
+    if not same_device(meta.device, y.device):
         raise ValueError(f"meta buffers are on {meta.device}, expected {y.device} (y's device)")
     offsets, widths = resolve_slices(num_slices, out_total, slice_offsets, slice_widths)
     if T == 0 or R == 0 or max(widths) == 0:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from . import configs
+from . import configs, devices
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -54,7 +54,7 @@ class LoRAMeta:
             raise ValueError(f"max_tokens ({max_tokens}) and max_slots ({max_slots}) must be >= 1")
         self.max_tokens = max_tokens
         self.max_slots = max_slots
-        self.device = torch.device(device)
+        self.device = devices.normalize(device)
         # Enough tiles for the smallest block_m used: sum_k cdiv(len_k, bm) < cdiv(T, bm) + segments.
         self.min_block_m = min_block_m
         self.max_tiles = _cdiv(max_tokens, min_block_m) + min(max_tokens, max_slots)

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import configs
 from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor
+from .devices import same_device
 from .meta import LoRAMeta
 from .triton_utils import check_launch_device, for_current_mode, next_pow2
 
@@ -127,9 +128,9 @@ def triton_shrink(
         raise ValueError(f"A has {S} slots but meta addresses up to max_slots={meta.max_slots}")
     check_pools(ranks, None, num_slices, S)
     for name, t in (("A", A), ("ranks", ranks)):
-        if t.device != x.device:
+        if not same_device(t.device, x.device):
             raise ValueError(f"{name} is on {t.device}, expected {x.device} (x's device)")
-    if meta.device != x.device:
+    if not same_device(meta.device, x.device):
         raise ValueError(f"meta buffers are on {meta.device}, expected {x.device} (x's device)")
     if out is None:
         out = torch.empty(num_slices, T, R, dtype=torch.float32, device=x.device)
@@ -137,7 +138,7 @@ def triton_shrink(
     if tuple(out.shape) != (num_slices, T, R):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected (num_slices, T, max_rank) = "
                          f"({num_slices}, {T}, {R})")
-    if out.device != x.device:
+    if not same_device(out.device, x.device):
         raise ValueError(f"out is on {out.device}, expected {x.device} (x's device)")
     if T == 0 or R == 0:
         return out

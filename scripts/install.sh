@@ -23,7 +23,7 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     if [ -n "${LORAPLEX_TORCH:-}" ]; then
         spec="$LORAPLEX_TORCH"
     elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-        spec="torch>=2.4"
+        spec="torch>=2.8"  # its CUDA wheel pins the Triton it was built with: >= 3.4 from 2.8 on
     else
         spec="torch==${LORAPLEX_CPU_TORCH:-2.13.0}"
     fi

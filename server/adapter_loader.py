@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from loraplex.kernels import devices
 from loraplex.server.errors import FailedPrecondition, NotFound
 
 CONFIG_FILE = "adapter_config.json"
@@ -74,7 +75,7 @@ class BaseModelSpec:
     num_kv_heads: int
     head_dim: int
     base_weight: Callable[[str], torch.Tensor]
-    """Dequantized float32 weight [out, in] of a projection (DoRA's norms are taken from it)."""
+    """Dequantized weight [out, in] of a projection, where it lives and in its dtype (DoRA's norms)."""
     bias: Callable[[str], torch.Tensor | None]
 
 
@@ -281,9 +282,30 @@ def load_lora(source: Path, config: dict, tensors: dict[str, torch.Tensor], base
                     f"expected [{b.shape[0]}]"
                 )
             # peft: g = m / ||W + s·BA|| per output row, W the (dequantized) base weight
-            norm = torch.linalg.norm(base.base_weight(path).float() + scaling * (b @ a), dim=1)
-            adapter.dora_scale[path] = (magnitude / norm).contiguous()
+            adapter.dora_scale[path] = (magnitude / dora_norms(base.base_weight(path), a, b, scaling)).contiguous()
     return adapter
+
+
+# float32 values one step of `dora_norms` holds on the weight's device (32 MiB).
+DORA_BLOCK_ELEMENTS = 8 * 2**20
+
+
+def dora_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·BA‖ of each output row in float32, returned on the host.
+
+    Computed where W lives (the GPU, beside a KV cache that holds most of its memory, from an API
+    thread), a block of at most DORA_BLOCK_ELEMENTS float32 values at a time: never a float32 copy
+    of the whole weight.
+    """
+    device = weight.device
+    devices.make_current(device)
+    a = a.to(device, torch.float32)
+    rows = max(1, DORA_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    norms = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows].float() + scaling * (b[start : start + rows].to(device, torch.float32) @ a)
+        norms[start : start + rows] = torch.linalg.norm(block, dim=1).cpu()
+    return norms
 
 
 def load_adalora(source: Path, config: dict, tensors: dict[str, torch.Tensor], base: BaseModelSpec,

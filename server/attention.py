@@ -9,8 +9,10 @@ context (gathered from its blocks) with a causal mask aligned to the sequence's 
 
 Decoding sequences (one query each) are attended together: on CPU in float32, straight from the
 cache blocks by the C kernel (`kernels/native.py`, `decode_attention`); elsewhere their contexts are
-gathered into one `[B, kv_heads, L, head_dim]` batch of whole blocks, padding masked out (no mask
-when every context fills its blocks), and one attention call serves them all. Fresh prefills of equal length (positions
+gathered into `[B, kv_heads, L, head_dim]` batches of whole blocks, padding masked out (no mask
+when every context fills its blocks), one attention call per group of sequences of similar length
+(`decode_groups`: padding at most doubles what is gathered, and a call gathers a bounded number of
+positions), so memory stays proportional to the tokens attended. Fresh prefills of equal length (positions
 [0, n), nothing cached before: their context is their own keys and values) share one causal call
 without touching the cache. Other chunks (a chunked prefill's later parts, prefix-tuning sequences)
 keep one call per sequence over their gathered context.
@@ -29,6 +31,9 @@ import torch.nn.functional as F
 from loraplex.kernels import native
 
 ATTENTION_NAME = "loraplex_paged"
+# Keys (and as many values) one gathered decode call may hold, in elements (128 MiB each in bfloat16):
+# a long context decodes in a call of its own rather than padding every other sequence to its length.
+GATHER_MAX_ELEMENTS = 64 * 2**20
 META_KWARG = "loraplex_attention"
 
 
@@ -82,6 +87,37 @@ class DecodeBatch:
     """Every context fills its blocks exactly: nothing to mask."""
     masks: dict = field(default_factory=dict)
     """Per sliding window (None: none): [B, 1, 1, L] bool, True where a key is attended."""
+    groups: list["DecodeBatch"] = field(default_factory=list)
+    """The same sequences split for the gathering path (`decode_groups`); empty: this batch itself."""
+
+    @classmethod
+    def build(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
+              device: torch.device, max_gather_tokens: int) -> "DecodeBatch":
+        """The batch of the step's decoding sequences, with its gathering groups."""
+        batch = cls._one(rows, tables, lengths, block_size, device)
+        groups = decode_groups(lengths, block_size, max_gather_tokens)
+        if len(groups) > 1:
+            batch.groups = [cls._one(*([values[i] for i in group] for values in (rows, tables, lengths)),
+                                     block_size, device) for group in groups]
+        return batch
+
+    @classmethod
+    def _one(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
+             device: torch.device) -> "DecodeBatch":
+        per_seq = -(-max(lengths) // block_size)
+        blocks = []
+        for table in tables:
+            blocks.extend(table[:per_seq])
+            blocks.extend([0] * (per_seq - len(table[:per_seq])))
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            row_range=(rows[0], rows[-1] + 1) if consecutive else None,
+            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            blocks_per_seq=per_seq,
+            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+            uniform=all(length == per_seq * block_size for length in lengths),
+        )
 
     def gather(self, cache: torch.Tensor, block_size: int) -> torch.Tensor:
         """[B, kv_heads, L, head_dim] keys (or values) of positions [0, L), L = blocks_per_seq · block_size."""
@@ -101,6 +137,26 @@ class DecodeBatch:
                 mask &= k_pos >= lengths - window
             self.masks[window] = mask[:, None, None, :]
         return self.masks[window]
+
+
+def decode_groups(lengths: list[int], block_size: int, max_tokens: int) -> list[list[int]]:
+    """Decoding sequences (indices into `lengths`) grouped for gathered attention, shortest first.
+
+    Every sequence of a group needs at least half the blocks of the group's longest, so padding to
+    the longest at most doubles what is gathered; and a group gathers at most `max_tokens` positions
+    (a longer sequence goes alone). Worked example, block_size 4: lengths [30, 3, 5, 6] need blocks
+    [8, 1, 2, 2]; with max_tokens 16 the groups are [[1, 2], [3], [0]] (adding sequence 3 to [1, 2]
+    would gather 3 x 2 blocks = 24 positions), with max_tokens 1000 they are [[1, 2, 3], [0]].
+    """
+    need = [-(-length // block_size) for length in lengths]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=need.__getitem__):
+        group = groups[-1] if groups else None
+        if group is not None and need[i] <= 2 * need[group[0]] and (len(group) + 1) * need[i] * block_size <= max_tokens:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 @dataclass
@@ -179,20 +235,22 @@ def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                                 decode.blocks_per_seq, meta.cache.block_size, decode.lengths, window,
                                 head_dim ** -0.5 if scaling is None else scaling, output)
     elif decode is not None:
-        if decode.row_range is not None:
-            q = query[0, :, decode.row_range[0] : decode.row_range[1]]  # [H, B, D]
-        else:
-            q = query[0].index_select(1, decode.rows)
-        q = q.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        block_size = meta.cache.block_size
-        k = decode.gather(k_cache, block_size).to(q.dtype)  # [B, KVH, L, D]
-        v = decode.gather(v_cache, block_size).to(q.dtype)
-        mask = decode.mask(window, k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        if decode.row_range is not None:
-            output[decode.row_range[0] : decode.row_range[1]] = out[:, :, 0]
-        else:
-            output.index_copy_(0, decode.rows, out[:, :, 0])
+        for part in decode.groups or [decode]:  # one group at a time: its gathered K/V are freed before the next
+            if part.row_range is not None:
+                q = query[0, :, part.row_range[0] : part.row_range[1]]  # [H, B, D]
+            else:
+                q = query[0].index_select(1, part.rows)
+            q = q.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            block_size = meta.cache.block_size
+            k = part.gather(k_cache, block_size).to(q.dtype)  # [B, KVH, L, D]
+            v = part.gather(v_cache, block_size).to(q.dtype)
+            mask = part.mask(window, k.shape[2])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+            del k, v
+            if part.row_range is not None:
+                output[part.row_range[0] : part.row_range[1]] = out[:, :, 0]
+            else:
+                output.index_copy_(0, part.rows, out[:, :, 0])
     for batch in meta.prefills:
         n, k, kn = batch.n, batch.k, batch.k * batch.n
         if batch.rows is None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from loraplex.kernels import devices
 from loraplex.server.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
@@ -25,7 +28,7 @@ class ModelConfig:
     dtype: str = "float32"
     """Compute dtype of activations, LoRA weights and (unquantized) base weights."""
     device: str = "cpu"
-    """"cpu" or "cuda[:N]"."""
+    """"cpu" or "cuda[:N]"; kept as the device tensors report ("cuda" becomes "cuda:0", the current device)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -33,8 +36,13 @@ class ModelConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        object.__setattr__(self, "device", str(devices.normalize(device)))
 
 
 @dataclass(frozen=True)

@@ -244,14 +244,25 @@ class LoRAGroup:
         return y
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The group's LoRA output for this step's tokens, `[tokens, out_total]` (unfused groups)."""
-        cached = self.context.cache.get(id(self))
+        """The group's LoRA output for this step's tokens, `[tokens, out_total]` (unfused groups).
+
+        Computed by the first projection called and dropped once every sibling has read it, as in
+        `output`: a step must not hold every layer's delta until it ends.
+        """
+        cache = self.context.cache
+        cached = cache.get(id(self))
         if cached is not None and cached[0] is x:
-            return cached[1]
+            _, out, readers = cached
+            if readers > 1:
+                cache[id(self)] = (x, out, readers - 1)
+            else:
+                del cache[id(self)]
+            return out
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros(flat.shape[0], self.pool.out_total, dtype=flat.dtype, device=flat.device)
         self.context.apply_lora(flat, out, self.pool)
-        self.context.cache[id(self)] = (x, out, None)
+        if len(self.paths) > 1:
+            cache[id(self)] = (x, out, len(self.paths) - 1)
         return out
 
 

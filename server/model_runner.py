@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.kernels import devices
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server import attention
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
@@ -87,7 +88,8 @@ def load_base_model(config: EngineConfig):
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = torch.device(config.model.device)
+        self.device = devices.normalize(config.model.device)
+        devices.make_current(self.device)  # the model, pools and KV cache are created on it
         self.dtype = DTYPES[config.model.dtype]
         self.model, self.tokenizer = load_base_model(config)
         hf = self.model.config
@@ -126,6 +128,8 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks, block_size, self.num_kv_heads,
                                                self.head_dim, self.dtype, self.device)
+        self.max_gather_tokens = attention.GATHER_MAX_ELEMENTS // (self.num_kv_heads * self.head_dim)
+        """Positions one gathered decode attention call may hold (`attention.decode_groups`)."""
         self.max_step_tokens = 0
         self.lora_meta: LoRAMeta | None = None
         self._meta_slots: list[int] | None = None
@@ -153,11 +157,12 @@ class ModelRunner:
         return sum(group.pool.nbytes() for group in groups.values())
 
     def _base_weight(self, path: str) -> torch.Tensor:
-        """The projection's weight [out, in] in float32, dequantized as peft does for DoRA."""
+        """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA
+        (a 4-bit/8-bit weight whole, in the compute dtype: one weight's worth, freed after its norms)."""
         from peft.utils.integrations import dequantize_module_weight
 
         with torch.no_grad():
-            return dequantize_module_weight(self.lora_table[path].base).detach().float()
+            return dequantize_module_weight(self.lora_table[path].base).detach()
 
     # ------------------------------------------------------------------ adapters
     def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
@@ -214,6 +219,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
         """Run one step; returns float32 logits [num sampling inputs, vocab] in input order."""
+        devices.make_current(self.device)  # Triton launches on the calling thread's current device
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
         token_ids: list[int] = []
         positions: list[int] = []
@@ -296,26 +302,10 @@ class ModelRunner:
         return output.logits[0].float()
 
     def _decode_batch(self, decoding: list[tuple[int, StepInput]]) -> attention.DecodeBatch:
-        """The blocks holding every decoding sequence's context, as many per sequence as the longest needs."""
-        bs = self.block_size
-        lengths = [item.start + 1 for _, item in decoding]
-        per_seq = -(-max(lengths) // bs)
-        blocks = []
-        for _, item in decoding:
-            table = item.block_table[:per_seq]
-            blocks.extend(table)
-            blocks.extend([0] * (per_seq - len(table)))
-        rows = [row for row, _ in decoding]
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        device = self.device
-        return attention.DecodeBatch(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
-            row_range=(rows[0], rows[-1] + 1) if consecutive else None,
-            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
-            blocks_per_seq=per_seq,
-            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
-            uniform=all(length == per_seq * bs for length in lengths),
-        )
+        """The blocks holding every decoding sequence's context, grouped by length for gathering."""
+        return attention.DecodeBatch.build([row for row, _ in decoding], [item.block_table for _, item in decoding],
+                                           [item.start + 1 for _, item in decoding], self.block_size, self.device,
+                                           self.max_gather_tokens)
 
     def _prefill_batches(self, fresh: list[tuple[int, int]]) -> list[attention.PrefillBatch]:
         """Fresh prefills grouped by length; a group's rows are a view when they are consecutive."""

@@ -48,7 +48,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """HF's CTRL-style penalty on tokens of the prompt and the output; 1 turns it off. Finite, > 0."""
     seed: int | None = None
-    """Seeds this request's own generator: same seed, same tokens. None: seeded from torch's RNG."""
+    """Seeds this request's own generator: same seed, same tokens (on a GPU: for the same batches, see
+    docs/api.md). None: seeded from torch's RNG."""
     max_new_tokens: int = 16
     """Generation stops after this many new tokens. >= 1."""
     stop: tuple[str, ...] = ()

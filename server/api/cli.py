@@ -95,6 +95,9 @@ def config_from_args(args: argparse.Namespace):
     on_cuda = device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device}, but no CUDA device is available")
+    if on_cuda and ":" in device and device.split(":", 1)[1].isdigit() \
+            and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
     dtype = args.dtype or ("bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else
                            "float16" if on_cuda else "float32")
     if not args.model.is_dir():

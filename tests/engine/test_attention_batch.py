@@ -58,7 +58,7 @@ def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_b
     query = torch.randn(1, HEADS, T, DIM, generator=gen)
     key = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
     value = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
-    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"))
+    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"), max_gather_tokens=1 << 20)
     batch = ModelRunner._decode_batch(runner, decoding)
     assert (batch.row_range is None) == prefill_between
 
@@ -99,3 +99,45 @@ def test_batched_fresh_prefills_match_one_call_per_sequence(window, consecutive)
     others = [span for span in spans if span.query_len == 1]
     batched = run(attention.AttentionMeta(make_cache(), mapping, others, prefills=batches), query, key, value, window)
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_gather_tokens", [16, 1 << 20])
+def test_gathered_decode_memory_is_proportional_to_the_tokens_attended(monkeypatch, max_gather_tokens):
+    """One long context among short ones: the gathering path (GPU, or CPU without the C kernel) must
+    not pad every sequence to the longest; each call gathers at most max_gather_tokens positions
+    (or one sequence), and all calls together at most twice the attended blocks."""
+    monkeypatch.setattr(attention.native, "takes_float32", lambda *tensors: False)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [60, 3, 5, 6, 2, 7]
+    tables, next_block = [], 1
+    for length in lengths:
+        count = -(-length // BLOCK)
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
+    decoding, spans, slot_mapping = [], [], []
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        decoding.append((row, StepInput(token_ids=[0], start=length - 1, block_table=table, slot=-1, samples=True)))
+        spans.append(attention.SequenceSpan(row, 1, context_slots(table, length)))
+        slot_mapping.append(int(context_slots(table, length)[-1]))
+    T = len(lengths)
+    query = torch.randn(1, HEADS, T, DIM, generator=gen)
+    key = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
+    value = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
+    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"), max_gather_tokens=max_gather_tokens)
+    batch = ModelRunner._decode_batch(runner, decoding)
+    mapping = torch.tensor(slot_mapping)
+    one_by_one = run(attention.AttentionMeta(make_cache(next_block), mapping, spans), query, key, value, None)
+
+    gathered = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        gathered.append(k.shape[0] * k.shape[2])  # sequences x positions held by this call
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    batched = run(attention.AttentionMeta(make_cache(next_block), mapping, [], decode=batch), query, key, value, None)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    attended_blocks = sum(-(-length // BLOCK) for length in lengths)
+    assert sum(gathered) <= 2 * attended_blocks * BLOCK, gathered
+    assert max(gathered) <= max(max_gather_tokens, max(lengths) + BLOCK), gathered
