@@ -146,6 +146,7 @@ class AdapterStore:
 
     def unregister(self, adapter_id: str) -> None:
         """New requests get NOT_FOUND at once; accepted ones finish, then the weights are dropped."""
+        validate_adapter_id(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
             entry.unregistered = True
@@ -153,6 +154,7 @@ class AdapterStore:
             self._drop_if_unused(entry)
 
     def get(self, adapter_id: str) -> AdapterInfo:
+        validate_adapter_id(adapter_id)
         with self._lock:
             return self._info(self._get(adapter_id))
 
@@ -198,8 +200,10 @@ class AdapterStore:
     def acquire(self, adapter_id: str) -> str:
         """Count an accepted request and return the registration key its sequence carries.
 
-        NOT_FOUND if the adapter is not (or no longer) registered and no repository has it.
+        INVALID_ARGUMENT for a malformed id (the registration rules); NOT_FOUND if the adapter is not
+        (or no longer) registered and no repository has it.
         """
+        validate_adapter_id(adapter_id)
         self.load_from_repo(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
