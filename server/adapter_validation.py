@@ -91,8 +91,6 @@ def validate_adapter(source: Path, config: dict, tensors: dict, base: "BaseModel
     peft_type = config["peft_type"].upper()
     fields = _Fields(source, config)
     _check_tensors(source, tensors)
-    if config.get("task_type") is not None:
-        fields.string("task_type")
     if peft_type in ("LORA", "ADALORA", "IA3"):
         _check_module_adapter(source, peft_type, fields, tensors, base)
     else:
@@ -122,6 +120,7 @@ def _check_module_adapter(source: Path, peft_type: str, fields: "_Fields", tenso
     if isinstance(patterns, str):
         patterns = [patterns]
     rule = _TargetRule(targets, exclude, layers, patterns or [])
+    feedforward = None
     if peft_type == "LORA":
         rank = fields.positive_int("r", default=8, allow_none=False)
         fields.number("lora_alpha")
@@ -134,12 +133,12 @@ def _check_module_adapter(source: Path, peft_type: str, fields: "_Fields", tenso
         fields.positive_int("target_r")
         fields.number("lora_alpha")
         ranks = {}
-    feedforward = fields.modules("feedforward_modules") if peft_type == "IA3" else None
-    if peft_type == "IA3":
+    else:
         rank, ranks = None, {}
+        feedforward = fields.modules("feedforward_modules")
     fields.fraction("lora_dropout")
     dims = _TENSOR_DIMS[peft_type]
-    modules = {key: _split_key(key) for key in tensors}
+    modules = {key: _split_key(key) for key in sorted(tensors)}
     modules = {key: (path, name) for key, (path, name) in modules.items() if name in dims}
     # tensors of modules the base lacks are refused by the loader, naming the module
     servable = all(path in base.targets for path, _ in modules.values())
@@ -243,12 +242,6 @@ class _Fields:
         value = repr(self.config.get(name))
         value = value if len(value) <= 80 else value[:77] + "..."
         return FailedPrecondition(f"adapter {self.source}: {name} is {value}, but it must be {what}")
-
-    def string(self, name: str) -> str:
-        value = self.config.get(name)
-        if not isinstance(value, str):
-            raise self._refuse(name, "a string")
-        return value
 
     def boolean(self, name: str) -> None:
         if not isinstance(self.config.get(name) or False, bool):

@@ -71,7 +71,7 @@ def _refused(engine, source, match):
     ("layers_to_transform", [9], r"layers_to_transform is \[9\], but it must be .* in \[0, 4\)"),
     ("layers_pattern", "(?P<idx>x)", r"layers_pattern holds"),
     ("peft_type", ["LORA"], r"peft_type is \['LORA'\], not a string"),
-    ("task_type", 3, r"task_type is 3"),
+    ("task_type", 3, r"has task_type 3; only CAUSAL_LM is served"),
 ])
 def test_config_fields_are_type_and_range_checked(engine, copy, field, value, match):
     _config(copy, **{field: value})
@@ -149,7 +149,7 @@ def test_ia3_orientation_follows_feedforward_modules(engine, tmp_path):
     assert engine.register_adapter("ia3", str(path)).peft_type == "IA3"
     engine.unregister_adapter("ia3")
     (path / "adapter_config.json").write_text(json.dumps({**config, "feedforward_modules": ["k_proj"]}))
-    _refused(engine, path, r"k_proj has ia3_l \(128, 1\), but feedforward_modules makes it \[1, 256\]")
+    _refused(engine, path, r"layers.0.mlp.down_proj has ia3_l \(1, 704\), but feedforward_modules makes it \[256, 1\]")
 
 
 def test_virtual_token_count(engine, tmp_path):
