@@ -27,7 +27,7 @@ def server(demo_model_dir):
 
 
 def _internal_errors(server) -> float:
-    return scrape(server.server.metrics_url).get('loraplex_request_errors_total{code="INTERNAL"}', 0.0)
+    return scrape(server.server.metrics_url).get("loraplex_request_errors_total{code=INTERNAL}", 0.0)
 
 
 def _expect_internal(call, caplog) -> str:
