@@ -15,6 +15,7 @@ import random
 import shutil
 import struct
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -272,6 +273,30 @@ def _request_case(stub_pair, rng_seed: int, case: int, allowed: set[str]) -> str
     return "OK"
 
 
+SOURCES = ["lora", "ia3", "prompt/", "lora/../prefix", "lora/adapter_config.json", "mutants", "..", "../x", "/",
+           "/etc", "/dev/zero", "/proc/self", "", "\x00", "a" * 300, "a/" * 3000, "é", "~"]
+
+
+def _admin_case(stub, rng: random.Random, case: int, allowed: set[str]) -> str:
+    """Register, get or unregister with fuzzed fields (never unregistering the good adapters)."""
+    adapter_id = rng.choice(STRINGS[:12] + [f"f{case}", "f"])
+    try:
+        op = rng.randrange(3)
+        if op == 0:
+            request = pb.RegisterAdapterRequest(adapter_id=adapter_id, source=rng.choice(SOURCES),
+                                                pin=rng.random() < 0.5, preload=rng.random() < 0.5)
+            stub.RegisterAdapter(request, timeout=60)
+            stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id), timeout=60)
+        elif op == 1:
+            stub.GetAdapter(pb.GetAdapterRequest(adapter_id=rng.choice([adapter_id, "lora"])), timeout=60)
+        else:
+            stub.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id), timeout=60)
+    except grpc.RpcError as error:
+        assert error.code().name in allowed, f"case {case} (adapter call {op}, {adapter_id!r}): {error}"
+        return error.code().name
+    return "OK"
+
+
 def _wait_idle(client: Client, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while (info := client.server_info()).running_requests or info.queued_requests:
@@ -291,12 +316,17 @@ def _fuzz(setup, cases: int, seed: int) -> None:
         outcomes = [_adapter_case(client, rng, good, root, case, allowed) for case in range(cases)]
         assert 0 < outcomes.count("accepted") < cases, "the mutations no longer reach both outcomes"
         with grpc.insecure_channel(thread.address) as channel:
+            admin = pb_grpc.AdaptersStub(channel)
+            admin_codes = [_admin_case(admin, rng, case, allowed) for case in range(cases // 3)]
+            assert {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED"} <= set(admin_codes)
             stub = pb_grpc.GeneratorStub(channel)
             with ThreadPoolExecutor(4) as pool:
                 codes = list(pool.map(lambda case: _request_case((stub.Generate, stub.GenerateStream),
                                                                  seed * 100_003 + case, case, allowed), range(cases)))
         assert "OK" in codes and "INVALID_ARGUMENT" in codes
         _wait_idle(client)  # requests cut by their deadline may still be closing in the engine
+        print(f"fuzz seed {seed}: adapters {dict(Counter(outcomes))}, adapter calls {dict(Counter(admin_codes))}, "
+              f"requests {dict(Counter(codes))}")
         assert _greedy(client, [None, *good]) == before
         for name in good:
             client.unregister_adapter(name)

@@ -163,10 +163,9 @@ def test_virtual_token_count(engine, tmp_path):
         _refused(engine, path, match)
 
 
-def test_malformed_pickle(demo_model_dir, copy):
+def test_malformed_pickle(engine, copy):
     from loraplex.server.adapter_loader import load_adapter
 
-    engine = make_engine(demo_model_dir, max_rank=16)
     (copy / "adapter_model.safetensors").unlink()
     (copy / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle")
     with pytest.raises(FailedPrecondition, match="adapter_model.bin cannot be read"):
@@ -192,3 +191,11 @@ def test_malformed_adapter_id_in_a_request(engine, good, adapter_id):
     collected = submit(engine, f"ok-{adapter_id}", "hi", adapter="ok", max_new_tokens=2)
     run_until_done(engine)
     assert collected.final.finish_reason in ("length", "eos")
+
+
+def test_an_unusable_source_path(engine):
+    with pytest.raises(InvalidArgument, match="is not a usable path: embedded null byte"):
+        engine.register_adapter("path", "\x00")
+    # refused when the path is resolved or when it is read, depending on where the OS notices
+    with pytest.raises((InvalidArgument, FailedPrecondition), match="File name too long"):
+        engine.register_adapter("path", "a" * 300)
