@@ -56,11 +56,12 @@ _TENSOR_DIMS = {
 def parse_config(path: Path) -> dict:
     """The JSON object in `path`, read with a size cap and a nesting bound."""
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise FailedPrecondition(f"{path} is {size} bytes; a PEFT adapter config is at most "
-                                     f"{MAX_CONFIG_BYTES} bytes")
-        config = json.loads(path.read_bytes().decode("utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)  # never more, however large the file is
+        if len(data) > MAX_CONFIG_BYTES:
+            raise FailedPrecondition(f"{path} is larger than {MAX_CONFIG_BYTES} bytes, the most a PEFT adapter "
+                                     "config is allowed")
+        config = json.loads(data.decode("utf-8"))
     except RecursionError:
         raise FailedPrecondition(f"{path} is nested deeper than {MAX_CONFIG_DEPTH} levels") from None
     except (OSError, UnicodeDecodeError, ValueError) as error:  # ValueError: JSON syntax, int too long
