@@ -1,5 +1,6 @@
-"""The last line of defence: a bug in a handler or in the engine step ends the RPC as INTERNAL with an
-error id (logged with its traceback, counted in the metrics), and the server keeps serving."""
+"""Statuses through the real client: a malformed adapter id is INVALID_ARGUMENT in every call; and the
+last line of defence, a bug in a handler or in the engine step ends the RPC as INTERNAL with an error id
+(logged with its traceback, counted in the metrics) while the server keeps serving."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def _expect_internal(call, caplog) -> str:
     logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
     assert logged and logged[0].exc_info and "Boom" in repr(logged[0].exc_info[1])
     return match.group(1)
+
+
+@pytest.mark.parametrize("adapter_id", ["../x", "a/b", "é"])
+def test_a_malformed_adapter_id_is_invalid_argument(server, adapter_id):
+    with Client(server.address) as client:
+        for call in (lambda: client.generate("hi", adapter=adapter_id),
+                     lambda: list(client.stream("hi", adapter=adapter_id)),
+                     lambda: client.get_adapter(adapter_id),
+                     lambda: client.unregister_adapter(adapter_id)):
+            with pytest.raises(clients.InvalidArgument, match="adapter id .* is invalid"):
+                call()
+        with pytest.raises(clients.NotFound):
+            client.generate("hi", adapter="unknown")
 
 
 class Boom(RuntimeError):
