@@ -15,7 +15,7 @@ from loraplex.server.api import metrics as metrics_module
 from loraplex.server.api import servicer as servicer_module
 from loraplex.server.api.config import ServerConfig
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-from tests.api.helpers import ServerThread, engine_config, scrape
+from tests.api.helpers import ServerThread, engine_config, scrape, wait_idle
 
 ERROR_ID = re.compile(r"internal server error \(error id ([0-9a-f]{16})\)")
 
@@ -85,7 +85,7 @@ def test_a_bug_after_the_engine_accepted_the_request(server, monkeypatch, caplog
         call = (lambda: list(client.stream("hi", max_new_tokens=4))) if stream else (lambda: client.generate("hi"))
         _expect_internal(call, caplog)
         monkeypatch.undo()
-        assert client.server_info().running_requests == 0
+        wait_idle(client)
         assert server.server.state.in_flight == 0
         assert client.generate("hi", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
 

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import struct
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from loraplex.clients import Client, LoraplexError
 from loraplex.server.api.config import ServerConfig
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-from tests.api.helpers import ServerThread, engine_config
+from tests.api.helpers import ServerThread, engine_config, wait_idle
 from tests.api.test_docs import documented_refusal_statuses
 from tests.engine.helpers import make_lora_adapter
 
@@ -297,13 +296,6 @@ def _admin_case(stub, rng: random.Random, case: int, allowed: set[str]) -> str:
     return "OK"
 
 
-def _wait_idle(client: Client, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (info := client.server_info()).running_requests or info.queued_requests:
-        assert time.monotonic() < deadline, "requests stayed in the engine after their deadline"
-        time.sleep(0.05)
-
-
 def _fuzz(setup, cases: int, seed: int) -> None:
     thread, root, good = setup
     allowed = documented_refusal_statuses() - {"INTERNAL", "UNKNOWN"}
@@ -324,7 +316,7 @@ def _fuzz(setup, cases: int, seed: int) -> None:
                 codes = list(pool.map(lambda case: _request_case((stub.Generate, stub.GenerateStream),
                                                                  seed * 100_003 + case, case, allowed), range(cases)))
         assert "OK" in codes and "INVALID_ARGUMENT" in codes
-        _wait_idle(client)  # requests cut by their deadline may still be closing in the engine
+        wait_idle(client)  # requests cut by their deadline may still be closing in the engine
         print(f"fuzz seed {seed}: adapters {dict(Counter(outcomes))}, adapter calls {dict(Counter(admin_codes))}, "
               f"requests {dict(Counter(codes))}")
         assert _greedy(client, [None, *good]) == before
