@@ -49,7 +49,9 @@ class _Base:
         self.timeout = timeout
 
     def _metadata(self, adapter_id: str | None, admin: bool = False) -> tuple[tuple[str, str], ...]:
-        metadata = [(ADAPTER_HEADER, adapter_id or "")]
+        # gRPC cannot send a non-ASCII header; such an id is malformed and the server says so (INVALID_ARGUMENT)
+        routable = adapter_id and adapter_id.isascii() and adapter_id.isprintable()
+        metadata = [(ADAPTER_HEADER, adapter_id if routable else "")]
         if admin and self.admin_token:
             metadata.append(("authorization", f"Bearer {self.admin_token}"))
         return tuple(metadata)

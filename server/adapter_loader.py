@@ -21,7 +21,6 @@ registration, with `FailedPrecondition` naming the cause — never served approx
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Callable
 import torch
 
 from loraplex.kernels import devices
+from loraplex.server.adapter_validation import parse_config, validate_adapter
 from loraplex.server.errors import FailedPrecondition, NotFound
 
 CONFIG_FILE = "adapter_config.json"
@@ -147,13 +147,7 @@ def read_config(source: Path) -> dict:
         raise NotFound(f"adapter source {source} is not a directory")
     if not path.is_file():
         raise FailedPrecondition(f"{source} has no {CONFIG_FILE}: not a PEFT adapter directory")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FailedPrecondition(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise FailedPrecondition(f"{path} has no peft_type")
-    return config
+    return parse_config(path)
 
 
 # Safetensors files up to this size are read whole and parsed at once: for a typical adapter (56
@@ -180,7 +174,10 @@ def read_tensors(source: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 f"{source} holds only a pickled {PICKLE_FILE}; pickles can run code when loaded, so they are "
                 f"refused (convert it to {SAFETENSORS_FILE}, or start the server with pickles allowed)"
             )
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a malformed pickle fails in many ways, none of them a server bug
+            raise FailedPrecondition(f"{pickle_path} cannot be read: {error}") from None
     raise FailedPrecondition(f"{source} has no {SAFETENSORS_FILE}")
 
 
@@ -403,6 +400,9 @@ def load_adapter(source: Path, base: BaseModelSpec, max_rank: int, allow_pickle:
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise FailedPrecondition(f"adapter {source} has task_type {config.get('task_type')}; only CAUSAL_LM is served")
     tensors = read_tensors(source, allow_pickle)
+    if not isinstance(tensors, dict):
+        raise FailedPrecondition(f"adapter {source}: the weights file holds no named tensors")
+    validate_adapter(source, config, tensors, base)
     if config.get("modules_to_save"):
         raise FailedPrecondition(f"adapter {source} uses {_UNSUPPORTED_LORA_OPTIONS['modules_to_save']}, "
                                  "which loraplex does not serve")

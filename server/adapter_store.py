@@ -30,7 +30,7 @@ from typing import Callable
 
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
-from loraplex.server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from loraplex.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,12 @@ def resolve_source(source: str | Path, root: Path | None) -> Path:
     if not str(source):
         raise InvalidArgument("adapter source is empty: give the adapter's directory")
     path = Path(source)
+    try:
+        resolved = (path if root is None else root / path).resolve()  # an absolute `path` replaces root
+    except (OSError, ValueError) as error:  # a NUL byte, a name too long for the file system
+        raise InvalidArgument(f"adapter source {str(source)[:200]!r} is not a usable path: {error}") from None
     if root is None:
-        return path.resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root here, and is checked below
+        return resolved
     if not resolved.is_relative_to(root):
         raise PermissionDenied(f"adapter source {str(source)!r} resolves outside the adapter root {root}")
     return resolved
@@ -146,6 +149,7 @@ class AdapterStore:
 
     def unregister(self, adapter_id: str) -> None:
         """New requests get NOT_FOUND at once; accepted ones finish, then the weights are dropped."""
+        validate_adapter_id(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
             entry.unregistered = True
@@ -153,6 +157,7 @@ class AdapterStore:
             self._drop_if_unused(entry)
 
     def get(self, adapter_id: str) -> AdapterInfo:
+        validate_adapter_id(adapter_id)
         with self._lock:
             return self._info(self._get(adapter_id))
 
@@ -198,8 +203,10 @@ class AdapterStore:
     def acquire(self, adapter_id: str) -> str:
         """Count an accepted request and return the registration key its sequence carries.
 
-        NOT_FOUND if the adapter is not (or no longer) registered and no repository has it.
+        INVALID_ARGUMENT for a malformed id (the registration rules); NOT_FOUND if the adapter is not
+        (or no longer) registered and no repository has it.
         """
+        validate_adapter_id(adapter_id)
         self.load_from_repo(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
@@ -293,7 +300,10 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ internals (lock held)
     def _read(self, path: Path) -> AdapterWeights:
-        return load_adapter(path, self.base, self.config.max_rank, self.config.allow_pickle)
+        try:
+            return load_adapter(path, self.base, self.config.max_rank, self.config.allow_pickle)
+        except OSError as error:  # unreadable files or directories (permissions, I/O errors)
+            raise FailedPrecondition(f"adapter {path} cannot be read: {error}") from None
 
     def _refuse_duplicate(self, adapter_id: str) -> None:
         with self._lock:

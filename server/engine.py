@@ -28,6 +28,7 @@ from loraplex.server.block_manager import BlockManager
 from loraplex.server.config import EngineConfig
 from loraplex.server.detokenizer import IncrementalDetokenizer, StopChecker
 from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
+from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.model_runner import ModelRunner, StepInput
 from loraplex.server.sampling import Sampler, SamplingParams, make_generator
 from loraplex.server.scheduler import Scheduler, SchedulerConfig
@@ -434,9 +435,9 @@ class AsyncEngine:
                 continue
             try:
                 stats = engine.step()
-            except Exception as exc:
-                log.exception("engine step failed")
-                engine.fail_all(EngineError(f"internal error in the engine step: {exc!r}"))
+            except Exception:
+                error_id = report_internal_error("the engine step")
+                engine.fail_all(EngineError(internal_error_message(error_id)))
                 continue
             if stats is None:  # work exists but none can run yet (an adapter is loading)
                 engine.wait_for_work(timeout=0.01)

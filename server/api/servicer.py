@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import inspect
 import logging
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from loraplex.server.api.config import ServerConfig
 from loraplex.server.api.metrics import Metrics, RequestTracker
 from loraplex.server.engine import GenerationRequest, RequestOutput
 from loraplex.server.errors import EngineError, InvalidArgument
+from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.sampling import SamplingParams
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
@@ -76,6 +79,42 @@ def _from_engine_error(error: EngineError) -> _Abort:
     return _Abort(code, str(error))
 
 
+def _guarded(handler):
+    """An exception the handler did not expect ends the RPC as INTERNAL with an error id, logged with
+    its traceback and counted; the server keeps serving."""
+    where = f"RPC {handler.__name__}"
+
+    async def internal(self: "_Handler", context) -> NoReturn:
+        error_id = report_internal_error(where)
+        self.state.metrics.count_error(grpc.StatusCode.INTERNAL.name)
+        await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error_id))
+
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream(self, request, context):
+            try:
+                async with contextlib.aclosing(handler(self, request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except grpc.aio.AbortError:  # a status the handler chose (and counted)
+                raise
+            except Exception:
+                await internal(self, context)
+
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await internal(self, context)
+
+    return unary
+
+
 class _Handler:
     """Status-code plumbing shared by both servicers."""
 
@@ -104,6 +143,7 @@ class _Handler:
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
+    @_guarded
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         text: list[str] = []
         token_ids: list[int] = []
@@ -124,6 +164,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         )
 
+    @_guarded
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with contextlib.aclosing(self._outputs(request, context)) as outputs:
             async for request_id, output in outputs:
@@ -135,6 +176,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
                     response.usage.completion_tokens = output.completion_tokens
                 yield response
 
+    @_guarded
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
         try:
             engine = self._engine()
@@ -268,6 +310,7 @@ def to_generation_request(request: pb.GenerateRequest) -> GenerationRequest:
 class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
     """Adapter management; with --admin-token every call needs `authorization: Bearer <token>`."""
 
+    @_guarded
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.Adapter:
         async def call(engine: "AsyncEngine") -> pb.Adapter:
             if not self.state.config.api_registration_allowed:
@@ -283,6 +326,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
 
         return await self._admin(context, call)
 
+    @_guarded
     async def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest, context) -> pb.UnregisterAdapterResponse:
         async def call(engine: "AsyncEngine") -> pb.UnregisterAdapterResponse:
             await engine.unregister_adapter(request.adapter_id)
@@ -290,12 +334,14 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
 
         return await self._admin(context, call, while_draining=True)
 
+    @_guarded
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
         async def call(engine: "AsyncEngine") -> pb.ListAdaptersResponse:
             return pb.ListAdaptersResponse(adapters=[to_proto_adapter(a) for a in engine.list_adapters()])
 
         return await self._admin(context, call, while_draining=True)
 
+    @_guarded
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.Adapter:
         async def call(engine: "AsyncEngine") -> pb.Adapter:
             return to_proto_adapter(engine.get_adapter(request.adapter_id))

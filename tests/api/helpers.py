@@ -60,3 +60,13 @@ def scrape(url: str) -> dict[str, float]:
 def fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def wait_idle(client, timeout: float = 60.0) -> None:
+    """Until the server reports no running or queued requests (aborts are applied by the next engine step)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (info := client.server_info()).running_requests or info.queued_requests:
+        assert time.monotonic() < deadline, f"requests stayed in the engine: {info}"
+        time.sleep(0.02)

@@ -140,6 +140,17 @@ def test_async_client_matches_the_sync_one(fake):
     assert [md[ADAPTER_HEADER] for _, md in servicer.metadata] == ["shout", "shout", ""]
 
 
+def test_an_adapter_id_grpc_cannot_send_as_a_header_still_reaches_the_server(fake):
+    """gRPC refuses non-ASCII header values; the request goes without the routing header, so the server
+    can refuse the malformed id itself (INVALID_ARGUMENT) instead of the client failing with INTERNAL."""
+    servicer, target = fake
+    servicer.metadata.clear()
+    with Client(target) as client:
+        client.generate("hi", adapter="é")
+        client.generate("hi", adapter="a\nb")
+    assert [md[ADAPTER_HEADER] for _, md in servicer.metadata] == ["", ""]
+
+
 def test_request_needs_exactly_one_input():
     from loraplex.clients.types import generate_request
 
