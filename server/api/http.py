@@ -132,8 +132,7 @@ class HttpApi:
                 return self._fail(error)
             except EngineError as error:
                 return self._fail(ApiError.of(error))
-            except _Disconnected:
-                self.state.metrics.count_error("CANCELLED")
+            except _Disconnected:  # counted by the generation it cancelled
                 return Response(status_code=499)  # nobody reads it
             except Exception:
                 return self._fail(self._internal(handler.__name__))
@@ -225,8 +224,7 @@ class HttpApi:
             raise
         stream = _Stream(self, generation, first, response_id, model, chat, body.include_usage,
                          sampling.return_logprobs, tokenizer)
-        return StreamingResponse(stream.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _EventStream(stream)
 
     # ------------------------------------------------------------------ models
     async def list_models(self) -> Response:
@@ -340,9 +338,12 @@ class _Generation:
     def __init__(self, state: ServerState, engine: "AsyncEngine", request: GenerationRequest, model_name: str):
         self.request = request
         self.model_name = model_name
+        self.metrics = state.metrics
         self.call = Call(state, engine, request.request_id, state.metrics.track(request.adapter_id))
         self.outputs = engine.generate(request)
         self.done = False
+        self.failed = False
+        """Ended with an error that was answered (and counted) already."""
 
     async def next(self) -> RequestOutput:
         """The next output; EngineError if the engine refused the request or ended it without a result."""
@@ -350,18 +351,21 @@ class _Generation:
             output = await self.outputs.__anext__()
         except NotFound as error:  # refused at submission: nothing was accepted
             self.call.accepted = False
+            self.failed = True
             if self.request.adapter_id is not None:
                 raise ApiError(error.code, f"model {self.request.adapter_id!r} is neither the base model "
                                f"({self.model_name!r}) nor a registered adapter: {error}", "model") from None
             raise
         except EngineError:
             self.call.accepted = False
+            self.failed = True
             raise
         self.call.tracker.output(output)
         if output.finished:
             self.done = True
             self.call.finish = output.finish_reason
             if output.finish_reason not in oa.FINISH_REASONS:
+                self.failed = True
                 raise _output_error(output)
         return output
 
@@ -372,8 +376,14 @@ class _Generation:
         return everything
 
     async def aclose(self) -> None:
-        await self.outputs.aclose()
-        self.call.close()
+        """Release the request however it ended; one that ended early without an error was cancelled by
+        its client (a disconnect), and is counted so."""
+        if not (self.done or self.failed or self.call.closed):
+            self.metrics.count_error("CANCELLED")
+        try:
+            await self.outputs.aclose()
+        finally:
+            self.call.close()  # also aborts the engine request if it is still running
 
 
 def _output_error(output: RequestOutput) -> EngineError:
@@ -433,16 +443,29 @@ class _Stream:
                     else final(self.response_id, self.created, self.model, "", None, None, True)
                 chunk["usage"] = oa.usage(output)
                 yield _sse(chunk)
-        except (asyncio.CancelledError, GeneratorExit):  # the client disconnected: the engine request is aborted
-            metrics.count_error("CANCELLED")
-            raise
         except Exception as exc:  # the status line is gone: the error travels as an event
             error = ApiError.of(exc) if isinstance(exc, EngineError) else self.api._internal("stream")
+            generation.failed = True
             metrics.count_error(error.code)
             yield _sse(error.body())
         finally:
             await generation.aclose()
         yield SSE_DONE
+
+
+class _EventStream(StreamingResponse):
+    """A stream's response; its request is released even if the response never starts (the client
+    went away between the first output and the first byte)."""
+
+    def __init__(self, stream: _Stream):
+        super().__init__(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = stream.generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.aclose()
 
 
 class _Uvicorn(uvicorn.Server):

@@ -263,6 +263,26 @@ def test_an_unexpected_exception_is_a_500_with_an_error_id_in_the_log(server, mo
     assert scrape(server.server.metrics_url)["loraplex_request_errors_total{code=INTERNAL}"] == before + 1
     wait_until_idle(server)  # the request's engine side was closed too
 
+    # once a stream has started, the error is its last event
+    real_chunk = openai_protocol.completion_chunk
+    calls = []
+
+    def breaks_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug mid-stream")
+        return real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(openai_protocol, "completion_chunk", breaks_second)
+    stream = sdk(server).completions.create(model="demo", prompt=PROMPT, max_tokens=LONG, stream=True,
+                                            extra_body={"ignore_eos": True})
+    with caplog.at_level(logging.ERROR, logger="loraplex.server.api.http"):
+        with pytest.raises(openai.APIError, match="internal server error"):
+            list(stream)
+    assert any("a bug mid-stream" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    assert scrape(server.server.metrics_url)["loraplex_request_errors_total{code=INTERNAL}"] == before + 2
+    wait_until_idle(server)  # stopped at once, not after LONG tokens
+
 
 # ---------------------------------------------------------------------- disconnects
 def test_a_disconnect_cancels_the_request_and_frees_its_blocks(server):
