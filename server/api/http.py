@@ -60,11 +60,12 @@ SSE_DONE = b"data: [DONE]\n\n"
 class ApiError(Exception):
     """A failure to answer with OpenAI's error object; `code` is the gRPC status name."""
 
-    def __init__(self, code: str, message: str, param: str | None = None):
+    def __init__(self, code: str, message: str, param: str | None = None, status: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self._status = status
 
     @classmethod
     def of(cls, error: EngineError) -> "ApiError":
@@ -72,7 +73,7 @@ class ApiError(Exception):
 
     @property
     def status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
+        return self._status or HTTP_STATUS.get(self.code, 500)
 
     def body(self) -> dict[str, Any]:
         kind = ERROR_TYPES.get(self.status, "internal_error" if self.status >= 500 else "invalid_request_error")
@@ -142,6 +143,9 @@ class HttpApi:
     async def _invalid_body(self, request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", first["msg"])
+            return self._fail(ApiError("INVALID_ARGUMENT", f"the request body is not valid JSON: {detail}"))
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else f"invalid request body: {first['msg']}"
@@ -149,10 +153,8 @@ class HttpApi:
 
     async def _http_exception(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(exc.status_code, "INVALID_ARGUMENT")
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        error = ApiError(code, message)
-        self.state.metrics.count_error(code)
-        return JSONResponse(error.body(), status_code=exc.status_code)
+        status = exc.status_code if exc.status_code < 500 else None
+        return self._fail(ApiError(code, f"{request.method} {request.url.path}: {exc.detail}", status=status))
 
     # ------------------------------------------------------------------ generation
     async def completions(self, body: oa.CompletionRequest, request: Request) -> Response:

@@ -237,10 +237,19 @@ def test_every_error_status_through_the_sdk(server):
         api.completions.create(model="demo", prompt=PROMPT, max_tokens=1500)
     with pytest.raises(openai.NotFoundError):
         api.post("/no/such/route", cast_to=str)
+    raw = urllib.request.Request(server.server.http_url + "/completions", data=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(raw, timeout=30)
+    assert caught.value.code == 400 and "not valid JSON" in json.loads(caught.value.read())["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(urllib.request.Request(server.server.http_url + "/completions", method="DELETE"),
+                               timeout=30)
+    assert caught.value.code == 405 and json.loads(caught.value.read())["error"]["type"] == "invalid_request_error"
     after = scrape(server.server.metrics_url)
     errors = after.get("loraplex_request_errors_total{code=INVALID_ARGUMENT}", 0) - \
         before.get("loraplex_request_errors_total{code=INVALID_ARGUMENT}", 0)
-    assert errors == len(bad_requests) + 5
+    assert errors == len(bad_requests) + 6
     assert after["loraplex_request_errors_total{code=RESOURCE_EXHAUSTED}"] - \
         before.get("loraplex_request_errors_total{code=RESOURCE_EXHAUSTED}", 0) == 1
 
