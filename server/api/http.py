@@ -294,7 +294,9 @@ class HttpApi:
         return Response(status_code=200)
 
     async def metrics(self) -> Response:
-        return Response(generate_latest(self.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # the endpoint picker scrapes every pod many times a second: render off the loop the streams share
+        page = await asyncio.to_thread(generate_latest, self.state.metrics.registry)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
 
 async def _json_object(request: Request, required: tuple[str, ...]) -> dict[str, Any]:
