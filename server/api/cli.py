@@ -52,7 +52,8 @@ def add_parser(subparsers) -> None:
                      help="the base model's name in the HTTP API (default: the --model directory's name)")
     net.add_argument("--chat-template", type=Path, metavar="FILE",
                      help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
-    net.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="PEM certificate chain (with --tls-key), for gRPC and the HTTP API")
     net.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key (with --tls-cert)")
     net.add_argument("--admin-token", metavar="TOKEN", default=os.environ.get("LORAPLEX_ADMIN_TOKEN"),
                      help="require 'authorization: Bearer TOKEN' on the Adapters service "

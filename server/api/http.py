@@ -488,6 +488,7 @@ class HttpServer:
 
     def __init__(self, state: ServerState):
         self.api = HttpApi(state)
+        self.tls = state.config.tls_cert is not None
         self.port = 0
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -504,8 +505,10 @@ class HttpServer:
             raise UserError(f"cannot serve the HTTP API on {host}:{port} (is the port in use?): {error}") from None
         sock.listen(1024)
         sock.setblocking(False)
+        server_config = self.api.state.config
+        tls = {"ssl_certfile": str(server_config.tls_cert), "ssl_keyfile": str(server_config.tls_key)} if self.tls else {}
         config = uvicorn.Config(self.api.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=self.STOP_GRACE)
+                                timeout_graceful_shutdown=self.STOP_GRACE, **tls)
         self._server = _Uvicorn(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:

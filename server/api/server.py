@@ -74,7 +74,9 @@ class LoraplexServer:
     @property
     def http_url(self) -> str:
         """The HTTP API's base URL (an OpenAI client's base_url), or "" without --http-port."""
-        return f"http://{self.config.host}:{self.http_port}/v1" if self.http is not None else ""
+        if self.http is None:
+            return ""
+        return f"{'https' if self.http.tls else 'http'}://{self.config.host}:{self.http_port}/v1"
 
     # ------------------------------------------------------------------ start
     async def bind(self) -> None:
