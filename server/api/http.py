@@ -159,11 +159,11 @@ class HttpApi:
     # ------------------------------------------------------------------ generation
     async def completions(self, body: oa.CompletionRequest, request: Request) -> Response:
         body.check_supported()
-        prompt, prompt_ids = body.single_prompt()
+        prompts = body.prompts()
         if body.max_tokens is not None and body.max_tokens < 1:
             raise oa.BadParameter("max_tokens", f"max_tokens must be >= 1, got {body.max_tokens}")
         sampling = body.sampling(body.max_tokens or 16, logprobs=body.logprobs is not None)
-        return await self._generate(request, body, prompt, prompt_ids, sampling, chat=False)
+        return await self._generate(request, body, prompts, sampling, chat=False)
 
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
@@ -178,7 +178,7 @@ class HttpApi:
             room = min(core.scheduler.config.max_model_len, core.runner.num_blocks * core.runner.block_size)
             limit = max(1, room - len(prompt_ids))
         sampling = body.sampling(limit, logprobs=body.logprobs)
-        return await self._generate(request, body, None, prompt_ids, sampling, chat=True)
+        return await self._generate(request, body, [(None, prompt_ids)], sampling, chat=True)
 
     def _apply_chat_template(self, engine: "AsyncEngine", body: oa.ChatCompletionRequest) -> tuple[int, ...]:
         tokenizer = engine.engine.tokenizer
@@ -196,37 +196,50 @@ class HttpApi:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
     async def _generate(self, request: Request, body: oa.CompletionRequest | oa.ChatCompletionRequest,
-                        prompt: str | None, prompt_ids: tuple[int, ...] | None, sampling, chat: bool) -> Response:
+                        prompts: list[tuple[str | None, tuple[int, ...] | None]], sampling, chat: bool) -> Response:
+        """One engine request per prompt (choice `index` = the prompt's position), answered together."""
         model = body.model or self.model_name
         adapter_id = None if model == self.model_name else model
-        engine = admit(self.state)
-        engine_request = GenerationRequest(request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=prompt_ids,
-                                           adapter_id=adapter_id, sampling=sampling)
-        generation = _Generation(self.state, engine, engine_request, self.model_name)
-        response_id = ("chatcmpl-" if chat else "cmpl-") + engine_request.request_id
-        tokenizer = engine.engine.tokenizer
-        if not body.stream:
-            try:
-                everything = await _unless_disconnected(request, generation.collect())
-            finally:
-                await generation.aclose()
-            text = "".join(everything.text)
-            last = everything.last
-            tokens = [tokenizer.decode([t]) for t in everything.token_ids] if sampling.return_logprobs else []
-            if chat:
-                logprobs = oa.chat_logprobs(tokens, everything.logprobs) if sampling.return_logprobs else None
-                return JSONResponse(oa.chat_body(response_id, model, text, last, logprobs))
-            logprobs = oa.completion_logprobs(tokens, everything.logprobs, 0) if sampling.return_logprobs else None
-            return JSONResponse(oa.completion_body(response_id, model, text, last, logprobs))
-        # the first output is awaited before the 200 goes out, so a refused request gets its own status
+        generations: list[_Generation] = []
         try:
-            first = await _unless_disconnected(request, generation.next())
-        except BaseException:
-            await generation.aclose()
+            for prompt, prompt_ids in prompts:
+                engine = admit(self.state)
+                engine_request = GenerationRequest(request_id=uuid.uuid4().hex, prompt=prompt,
+                                                   prompt_token_ids=prompt_ids, adapter_id=adapter_id, sampling=sampling)
+                generations.append(_Generation(self.state, engine, engine_request, self.model_name))
+            response_id = ("chatcmpl-" if chat else "cmpl-") + generations[0].request.request_id
+            tokenizer = engine.engine.tokenizer
+            if not body.stream:
+                results = await _unless_disconnected(request, asyncio.gather(*(g.collect() for g in generations)))
+            else:
+                # the first outputs are awaited before the 200 goes out, so a refused request gets its own status
+                firsts = await _unless_disconnected(request, asyncio.gather(*(g.next() for g in generations)))
+        except BaseException as error:
+            if not isinstance(error, (_Disconnected, asyncio.CancelledError)):
+                for generation in generations:
+                    generation.failed = True  # the siblings of a failed prompt end with its error, not cancelled
+            for generation in generations:
+                await generation.aclose()
             raise
-        stream = _Stream(self, generation, first, response_id, model, chat, body.include_usage,
-                         sampling.return_logprobs, tokenizer)
-        return _EventStream(stream)
+        if body.stream:
+            stream = _Stream(self, generations, firsts, response_id, model, chat, body.include_usage,
+                             sampling.return_logprobs, tokenizer)
+            return _EventStream(stream)
+        for generation in generations:
+            await generation.aclose()
+
+        def decoded(result: oa.Accumulated) -> list[str]:
+            return [tokenizer.decode([t]) for t in result.token_ids] if sampling.return_logprobs else []
+
+        if chat:
+            (result,) = results
+            logprobs = oa.chat_logprobs(decoded(result), result.logprobs) if sampling.return_logprobs else None
+            return JSONResponse(oa.chat_body(response_id, model, "".join(result.text), result.last, logprobs))
+        choices = [oa.completion_choice(i, "".join(result.text), result.last,
+                                        oa.completion_logprobs(decoded(result), result.logprobs, 0)
+                                        if sampling.return_logprobs else None)
+                   for i, result in enumerate(results)]
+        return JSONResponse(oa.completion_body(response_id, model, choices, [r.last for r in results]))
 
     # ------------------------------------------------------------------ models
     async def list_models(self) -> Response:
@@ -345,12 +358,14 @@ class _Generation:
         self.metrics = state.metrics
         self.call = Call(state, engine, request.request_id, state.metrics.track(request.adapter_id))
         self.outputs = engine.generate(request)
+        self.started = False
         self.done = False
         self.failed = False
         """Ended with an error that was answered (and counted) already."""
 
     async def next(self) -> RequestOutput:
         """The next output; EngineError if the engine refused the request or ended it without a result."""
+        self.started = True
         try:
             output = await self.outputs.__anext__()
         except NotFound as error:  # refused at submission: nothing was accepted
@@ -382,7 +397,9 @@ class _Generation:
     async def aclose(self) -> None:
         """Release the request however it ended; one that ended early without an error was cancelled by
         its client (a disconnect), and is counted so."""
-        if not (self.done or self.failed or self.call.closed):
+        if not self.started:
+            self.call.accepted = False  # never reached the engine: not a request to count
+        elif not (self.done or self.failed or self.call.closed):
             self.metrics.count_error("CANCELLED")
         try:
             await self.outputs.aclose()
@@ -401,13 +418,13 @@ def _output_error(output: RequestOutput) -> EngineError:
 
 
 class _Stream:
-    """The server-sent events of one streamed request, from its first engine output on."""
+    """The server-sent events of one streamed request (one choice per prompt), from its first outputs on."""
 
-    def __init__(self, api: HttpApi, generation: _Generation, first: RequestOutput, response_id: str, model: str,
-                 chat: bool, include_usage: bool, logprobs: bool, tokenizer):
+    def __init__(self, api: HttpApi, generations: list[_Generation], firsts: list[RequestOutput], response_id: str,
+                 model: str, chat: bool, include_usage: bool, logprobs: bool, tokenizer):
         self.api = api
-        self.generation = generation
-        self.first = first
+        self.generations = generations
+        self.firsts = firsts
         self.response_id = response_id
         self.model = model
         self.chat = chat
@@ -415,45 +432,76 @@ class _Stream:
         self.logprobs = logprobs
         self.tokenizer = tokenizer
         self.created = int(time.time())
-        self.offset = 0
+        self.offsets = [0] * len(generations)
 
-    def _chunk(self, output: RequestOutput) -> dict[str, Any]:
+    def _chunk(self, index: int, output: RequestOutput) -> dict[str, Any]:
         tokens = [self.tokenizer.decode([t]) for t in output.token_ids] if self.logprobs else []
         if self.chat:
             logprobs = oa.chat_logprobs(tokens, output.logprobs) if self.logprobs else None
             delta = {"content": output.text} if output.text or not output.finished else {}
             return oa.chat_chunk(self.response_id, self.created, self.model, delta, output, logprobs,
                                  self.include_usage)
-        logprobs = oa.completion_logprobs(tokens, output.logprobs, self.offset) if self.logprobs else None
-        self.offset += sum(map(len, tokens))
-        return oa.completion_chunk(self.response_id, self.created, self.model, output.text, output, logprobs,
+        logprobs = oa.completion_logprobs(tokens, output.logprobs, self.offsets[index]) if self.logprobs else None
+        self.offsets[index] += sum(map(len, tokens))
+        return oa.completion_chunk(self.response_id, self.created, self.model, index, output.text, output, logprobs,
                                    self.include_usage)
+
+    async def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as the engine produces them, every prompt's first output first."""
+        for index, first in enumerate(self.firsts):
+            yield index, first
+        if len(self.generations) == 1:  # no merging needed: no task or queue per token
+            generation, output = self.generations[0], self.firsts[0]
+            while not output.finished:
+                output = await generation.next()
+                yield 0, output
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            output = self.firsts[index]
+            try:
+                while not output.finished:
+                    output = await self.generations[index].next()
+                    queue.put_nowait((index, output, None))
+            except Exception as error:
+                queue.put_nowait((index, None, error))
+
+        pumps = [asyncio.ensure_future(pump(i)) for i, first in enumerate(self.firsts) if not first.finished]
+        running = len(pumps)
+        try:
+            while running:
+                index, output, error = await queue.get()
+                if error is not None:
+                    raise error
+                running -= output.finished
+                yield index, output
+        finally:
+            for task in pumps:
+                task.cancel()
 
     async def events(self) -> AsyncIterator[bytes]:
         metrics = self.api.state.metrics
-        generation = self.generation
+        lasts = list(self.firsts)
         try:
             if self.chat:
                 yield _sse(oa.chat_chunk(self.response_id, self.created, self.model,
                                          {"role": "assistant", "content": ""}, None, None, self.include_usage))
-            output = self.first
-            yield _sse(self._chunk(output))
-            while not output.finished:
-                output = await generation.next()
-                yield _sse(self._chunk(output))
+            async for index, output in self._outputs():
+                lasts[index] = output
+                yield _sse(self._chunk(index, output))
             if self.include_usage:
-                final = (oa.chat_chunk if self.chat else oa.completion_chunk)
-                chunk = final(self.response_id, self.created, self.model, None, None, None, True) if self.chat \
-                    else final(self.response_id, self.created, self.model, "", None, None, True)
-                chunk["usage"] = oa.usage(output)
-                yield _sse(chunk)
+                kind = "chat.completion.chunk" if self.chat else "text_completion"
+                yield _sse(oa.usage_chunk(kind, self.response_id, self.created, self.model, lasts))
         except Exception as exc:  # the status line is gone: the error travels as an event
             error = ApiError.of(exc) if isinstance(exc, EngineError) else self.api._internal("stream")
-            generation.failed = True
+            for generation in self.generations:
+                generation.failed = True
             metrics.count_error(error.code)
             yield _sse(error.body())
         finally:
-            await generation.aclose()
+            for generation in self.generations:
+                await generation.aclose()
         yield SSE_DONE
 
 
@@ -463,13 +511,14 @@ class _EventStream(StreamingResponse):
 
     def __init__(self, stream: _Stream):
         super().__init__(stream.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.generation = stream.generation
+        self.generations = stream.generations
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.generation.aclose()
+            for generation in self.generations:
+                await generation.aclose()
 
 
 class _Uvicorn(uvicorn.Server):

@@ -18,6 +18,8 @@ from loraplex.server.engine import RequestOutput
 from loraplex.server.errors import InvalidArgument
 from loraplex.server.sampling import SamplingParams
 
+MAX_PROMPTS = 64
+"""Prompts in one completions request (each is a request in the engine, within --max-queued-requests)."""
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
 """Engine finish reason -> OpenAI's (an EOS token and a stop string are both a natural stop)."""
 
@@ -108,20 +110,19 @@ class CompletionRequest(_Request):
         if self.best_of not in (None, 1):
             raise BadParameter("best_of", f"best_of must be 1, got {self.best_of}")
 
-    def single_prompt(self) -> tuple[str | None, tuple[int, ...] | None]:
-        """(text, None) or (None, token ids); one prompt per request."""
+    def prompts(self) -> list[tuple[str | None, tuple[int, ...] | None]]:
+        """Each prompt as (text, None) or (None, token ids): a string, a list of token ids, or a list of either."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise BadParameter("prompt", f"prompt holds {len(prompt)} prompts; send one prompt per request")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise BadParameter("prompt", "the prompt is empty")
-            return prompt, None
-        if not prompt:
-            raise BadParameter("prompt", "the prompt is empty")
-        return None, tuple(prompt)
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = prompt if many else [prompt]
+        if len(prompts) > MAX_PROMPTS:
+            raise BadParameter("prompt", f"prompt holds {len(prompts)} prompts, more than {MAX_PROMPTS}")
+        out = []
+        for i, one in enumerate(prompts):
+            if not one:
+                raise BadParameter("prompt", f"prompt[{i}] is empty" if many else "the prompt is empty")
+            out.append((one, None) if isinstance(one, str) else (None, tuple(one)))
+        return out
 
 
 class ChatMessage(BaseModel):
@@ -189,9 +190,11 @@ class Accumulated:
         self.last = output
 
 
-def usage(output: RequestOutput) -> dict[str, int]:
-    return {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens,
-            "total_tokens": output.prompt_tokens + output.completion_tokens}
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    """OpenAI's usage of a request, over the last outputs of its prompts."""
+    prompt = sum(o.prompt_tokens for o in outputs)
+    completion = sum(o.completion_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def finish_reason(output: RequestOutput) -> str | None:
@@ -212,11 +215,14 @@ def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
                         for token, logprob in zip(tokens, logprobs)]}
 
 
-def completion_body(request_id: str, model: str, text: str, output: RequestOutput,
-                    logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def completion_choice(index: int, text: str, output: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+
+
+def completion_body(request_id: str, model: str, choices: list[dict[str, Any]],
+                    outputs: list[RequestOutput]) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}],
-            "usage": usage(output)}
+            "choices": choices, "usage": usage(outputs)}
 
 
 def chat_body(request_id: str, model: str, text: str, output: RequestOutput,
@@ -224,26 +230,30 @@ def chat_body(request_id: str, model: str, text: str, output: RequestOutput,
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason(output)}],
-            "usage": usage(output)}
+            "usage": usage([output])}
 
 
-def completion_chunk(request_id: str, created: int, model: str, text: str, output: RequestOutput | None,
+def completion_chunk(request_id: str, created: int, model: str, index: int, text: str, output: RequestOutput,
                      logprobs: dict[str, Any] | None, with_usage: bool) -> dict[str, Any]:
-    choices = [] if output is None else [{"index": 0, "text": text, "logprobs": logprobs,
-                                          "finish_reason": finish_reason(output)}]
-    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+             "choices": [completion_choice(index, text, output, logprobs)]}
     if with_usage:
         chunk["usage"] = None
     return chunk
 
 
-def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any] | None,
-               output: RequestOutput | None, logprobs: dict[str, Any] | None, with_usage: bool) -> dict[str, Any]:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": None if output is None else finish_reason(output)}]
+def chat_chunk(request_id: str, created: int, model: str, delta: dict[str, Any], output: RequestOutput | None,
+               logprobs: dict[str, Any] | None, with_usage: bool) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+              "finish_reason": None if output is None else finish_reason(output)}
     chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
+             "choices": [choice]}
     if with_usage:
         chunk["usage"] = None
     return chunk
 
+
+def usage_chunk(kind: str, request_id: str, created: int, model: str, outputs: list[RequestOutput]) -> dict[str, Any]:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the request's usage."""
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [],
+            "usage": usage(outputs)}

@@ -145,6 +145,32 @@ def test_completions_take_token_ids_stop_strings_and_seeds(server):
     assert seeded.choices[0].text == sampled.text
 
 
+def test_several_prompts_give_one_choice_each_as_vllm(server, tokenizer):
+    prompts = [PROMPT, "The sea", "In the morning"]
+    with grpc_client(server) as client:
+        expected = [client.generate(p, adapter="small", max_new_tokens=6, ignore_eos=True).text for p in prompts]
+    api = sdk(server)
+    unary = api.completions.create(model="small", prompt=prompts, max_tokens=6, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert [c.index for c in unary.choices] == [0, 1, 2]
+    assert [c.text for c in unary.choices] == expected
+    assert unary.usage.completion_tokens == 18
+    by_ids = api.completions.create(model="small", prompt=[tokenizer.encode(p) for p in prompts], max_tokens=6,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in by_ids.choices] == expected
+    texts = ["", "", ""]
+    finished = []
+    chunks = list(api.completions.create(model="small", prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        if choice.finish_reason:
+            finished.append(choice.index)
+    assert texts == expected and sorted(finished) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == 18 and chunks[-1].choices == []
+
+
 @pytest.mark.parametrize("model", ["demo", "small"])
 def test_chat_unary_and_streamed_equal_grpc_on_the_chat_template(server, tokenizer, model):
     adapter = None if model == "demo" else model
@@ -206,7 +232,7 @@ def test_every_error_status_through_the_sdk(server):
     before = scrape(server.server.metrics_url)
     bad_requests = [
         dict(n=2), dict(temperature=-1), dict(top_p=1.5), dict(logprobs=2), dict(stop=[""]), dict(max_tokens=0),
-        dict(prompt=""), dict(prompt=["a", "b"]), dict(prompt=[10**6]), dict(presence_penalty=0.5),
+        dict(prompt=""), dict(prompt=["a", ""]), dict(prompt=[10**6]), dict(presence_penalty=0.5),
         dict(prompt=[5] * 2048), dict(echo=True), dict(extra_body={"repetition_penalty": 0}),
     ]
     for bad in bad_requests:
