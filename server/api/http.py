@@ -210,10 +210,10 @@ class HttpApi:
             response_id = ("chatcmpl-" if chat else "cmpl-") + generations[0].request.request_id
             tokenizer = engine.engine.tokenizer
             if not body.stream:
-                results = await _unless_disconnected(request, asyncio.gather(*(g.collect() for g in generations)))
+                results = await _unless_disconnected(request, _all(g.collect() for g in generations))
             else:
                 # the first outputs are awaited before the 200 goes out, so a refused request gets its own status
-                firsts = await _unless_disconnected(request, asyncio.gather(*(g.next() for g in generations)))
+                firsts = await _unless_disconnected(request, _all(g.next() for g in generations))
         except BaseException as error:
             if not isinstance(error, (_Disconnected, asyncio.CancelledError)):
                 for generation in generations:
@@ -326,6 +326,17 @@ async def _json_object(request: Request, required: tuple[str, ...]) -> dict[str,
     return body
 
 
+async def _all(coroutines) -> list:
+    """The results of all `coroutines`, run concurrently; when one fails, the others are cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _until_disconnected(request: Request) -> None:
     # once the body is read, the next ASGI message is http.disconnect: the client went away
     while (await request.receive())["type"] != "http.disconnect":
@@ -402,7 +413,9 @@ class _Generation:
         elif not (self.done or self.failed or self.call.closed):
             self.metrics.count_error("CANCELLED")
         try:
-            await self.outputs.aclose()
+            # one being iterated by a task (a cancelled pump) is closed by that task's cancellation
+            if not self.outputs.ag_running:
+                await self.outputs.aclose()
         finally:
             self.call.close()  # also aborts the engine request if it is still running
 

@@ -170,6 +170,18 @@ def test_several_prompts_give_one_choice_each_as_vllm(server, tokenizer):
     assert texts == expected and sorted(finished) == [0, 1, 2]
     assert chunks[-1].usage.completion_tokens == 18 and chunks[-1].choices == []
 
+    # one bad prompt fails the request and stops the others; leaving a stream early stops them all
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        api.completions.create(model="small", prompt=[tokenizer.encode(PROMPT), [10**6]], max_tokens=LONG,
+                               extra_body={"ignore_eos": True})
+    stream = api.completions.create(model="small", prompt=prompts, max_tokens=LONG, stream=True,
+                                    extra_body={"ignore_eos": True})
+    for _ in range(4):
+        next(iter(stream))
+    stream.close()
+    wait_until_idle(server)
+    assert server.server.state.in_flight == 0
+
 
 @pytest.mark.parametrize("model", ["demo", "small"])
 def test_chat_unary_and_streamed_equal_grpc_on_the_chat_template(server, tokenizer, model):
