@@ -1,7 +1,8 @@
 """Prometheus metrics of one server, on a registry of its own (several servers can share a process).
 
 Three sources, each read where it is cheapest:
-- per request, by the servicer (`RequestTracker`): requests, tokens, latencies, error codes;
+- per request, by the gRPC servicer and the HTTP API alike (`RequestTracker`): requests, tokens,
+  latencies, error codes;
 - per engine step, by a step listener on the engine thread: batch size and distinct adapters;
 - at scrape time, from `engine.snapshot()` (`_SnapshotCollector`): queue, running requests, KV usage,
   adapters by state, the adapters of running and waiting requests (the inference gateway's

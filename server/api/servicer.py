@@ -211,7 +211,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
 
 
 class Call:
-    """One accepted generation RPC; `close` (idempotent) releases everything it holds."""
+    """One accepted generation request (a gRPC call, or a prompt of an HTTP request); `close`
+    (idempotent) releases everything it holds."""
 
     def __init__(self, state: ServerState, engine: "AsyncEngine", engine_id: str, tracker: RequestTracker):
         self.state = state
