@@ -88,6 +88,10 @@ class EngineSnapshot:
     adapter_evictions: dict[str, int]
     num_steps: int
     num_preemptions: int
+    running_adapters: frozenset[str] = frozenset()
+    """Adapter ids of running requests (the base model not counted)."""
+    waiting_adapters: frozenset[str] = frozenset()
+    """Adapter ids of accepted requests waiting to start."""
 
 
 @dataclass
@@ -224,6 +228,9 @@ class LLMEngine:
 
     def snapshot(self) -> EngineSnapshot:
         scheduler = self.scheduler
+        # list() copies each queue in one C call, so the step thread cannot mutate it mid-iteration
+        running = list(scheduler.running)
+        waiting = list(scheduler.waiting) + list(self._inbox)
         return EngineSnapshot(
             num_waiting=scheduler.num_waiting + len(self._inbox),
             num_running=scheduler.num_running,
@@ -233,6 +240,8 @@ class LLMEngine:
             adapter_evictions=dict(self.store.evictions),
             num_steps=self.num_steps,
             num_preemptions=self.num_preemptions,
+            running_adapters=_adapter_ids(running),
+            waiting_adapters=_adapter_ids(waiting),
         )
 
     # ------------------------------------------------------------------ the step thread
@@ -412,6 +421,10 @@ class LLMEngine:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _adapter_ids(sequences: list[Sequence]) -> frozenset[str]:
+    return frozenset(seq.extra.request.adapter_id for seq in sequences if seq.extra.request.adapter_id)
 
 
 class AsyncEngine:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loraplex.clients import Client
 
-LISTENING = re.compile(r"listening on (\S+) metrics on (\S+)")
+LISTENING = re.compile(r"listening on (\S+) metrics on (\S+)(?: http on (\S+))?")
 
 
 @dataclass
@@ -21,6 +21,8 @@ class ServerProcess:
     process: subprocess.Popen
     address: str
     metrics_url: str
+    http_url: str | None = None
+    """The HTTP API's base URL (with --http-port)."""
     lines: list[str] = field(default_factory=list)
     """Everything the process printed so far (filled by a reader thread)."""
 
@@ -61,7 +63,7 @@ def start_server(model_dir: Path, *args: str, startup_timeout: float = 120.0) ->
         line = first.get(timeout=startup_timeout)
         match = LISTENING.search(line)
         assert match, f"the server exited before listening:\n{''.join(lines)}"
-        server = ServerProcess(process, match.group(1), match.group(2), lines)
+        server = ServerProcess(process, match.group(1), match.group(2), match.group(3), lines)
         with server.client() as client:
             client.wait_until_serving(timeout=startup_timeout)
         return server

@@ -19,17 +19,24 @@ with --adapter-root, must lie inside it too.
 id registers DIR/ID/ first (ids follow the registration rules; a symlink out of DIR is refused), so
 replicas sharing a volume all serve all of its adapters.
 
+HTTP: --http-port PORT also serves OpenAI's Completions and Chat Completions APIs (/v1/completions,
+/v1/chat/completions, /v1/models) and vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter on the
+same engine; `model` is an adapter id or the base model's name (--served-model-name, default the
+model directory's name). Adapter loading follows the RegisterAdapter rules above, with the admin token
+as 'Authorization: Bearer TOKEN'.
+
 signals: SIGTERM or SIGINT turns health to NOT_SERVING, refuses new requests (UNAVAILABLE) and lets
-running ones finish for up to --drain-grace seconds; a second signal stops at once. Exit status 0.
+running ones (gRPC and HTTP) finish for up to --drain-grace seconds; a second signal stops at once. Exit status 0.
 """
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve a base model and its PEFT adapters over gRPC",
-        description="Serve one base model and many PEFT adapters over gRPC, batching requests for "
-        "different adapters (and the base model) together. Prometheus metrics on a separate port.",
+        help="serve a base model and its PEFT adapters over gRPC (and OpenAI-compatible HTTP)",
+        description="Serve one base model and many PEFT adapters over gRPC and, with --http-port, OpenAI's "
+        "HTTP API, batching requests for different adapters (and the base model) together. Prometheus "
+        "metrics on a separate port.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,7 +46,14 @@ def add_parser(subparsers) -> None:
     net.add_argument("--port", type=int, default=50051, help="gRPC port, 0 for any free port (default 50051)")
     net.add_argument("--metrics-port", type=int, default=9400,
                      help="Prometheus /metrics port, 0 for any free port (default 9400)")
-    net.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--http-port", type=int, metavar="PORT",
+                     help="serve the OpenAI-compatible HTTP API on PORT, 0 for any free port (default: off)")
+    net.add_argument("--served-model-name", metavar="NAME",
+                     help="the base model's name in the HTTP API (default: the --model directory's name)")
+    net.add_argument("--chat-template", type=Path, metavar="FILE",
+                     help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
+    net.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="PEM certificate chain (with --tls-key), for gRPC and the HTTP API")
     net.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key (with --tls-cert)")
     net.add_argument("--admin-token", metavar="TOKEN", default=os.environ.get("LORAPLEX_ADMIN_TOKEN"),
                      help="require 'authorization: Bearer TOKEN' on the Adapters service "
@@ -122,6 +136,9 @@ def config_from_args(args: argparse.Namespace):
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
+        chat_template=args.chat_template,
         adapters=tuple(parse_adapter(a) for a in args.adapter),
         allow_any_adapter_path=args.allow_any_adapter_path,
         admin_token=args.admin_token,

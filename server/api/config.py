@@ -25,6 +25,12 @@ class ServerConfig:
     """gRPC port; 0 picks a free one (printed at start)."""
     metrics_port: int = 9400
     """Prometheus /metrics port; 0 picks a free one."""
+    http_port: int | None = None
+    """OpenAI-compatible HTTP API port (0 picks a free one); None serves no HTTP API."""
+    served_model_name: str | None = None
+    """The base model's name in the HTTP API's `model` field; None: the model directory's name."""
+    chat_template: Path | None = None
+    """A Jinja chat template file for /v1/chat/completions, instead of the tokenizer's own."""
     adapters: tuple[tuple[str, str], ...] = ()
     """(id, path) pairs registered before the server reports SERVING."""
     allow_any_adapter_path: bool = False
@@ -45,8 +51,18 @@ class ServerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise UserError(f"--{name.replace('_', '-')} must be in 0..65535 (0 = any free port), got {value}")
-        if self.port and self.port == self.metrics_port:
-            raise UserError(f"--port and --metrics-port are both {self.port}; give them different ports")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise UserError(f"--http-port must be in 0..65535 (0 = any free port), got {self.http_port}")
+        named = [("--port", self.port), ("--metrics-port", self.metrics_port), ("--http-port", self.http_port)]
+        named = [(flag, port) for flag, port in named if port]
+        for i, (flag, port) in enumerate(named):
+            for other, other_port in named[i + 1:]:
+                if port == other_port:
+                    raise UserError(f"{flag} and {other} are both {port}; give them different ports")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise UserError("--served-model-name is empty")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise UserError(f"--chat-template file not found: {self.chat_template}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UserError("--tls-cert and --tls-key go together: give both or neither")
         for name in ("tls_cert", "tls_key"):
@@ -63,6 +79,11 @@ class ServerConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise UserError(f"--adapter gives the id {duplicates[0]!r} more than once")
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name in the HTTP API."""
+        return self.served_model_name or Path(self.engine.model.path).resolve().name
 
     @property
     def api_registration_allowed(self) -> bool:

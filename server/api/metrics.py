@@ -1,11 +1,13 @@
 """Prometheus metrics of one server, on a registry of its own (several servers can share a process).
 
 Three sources, each read where it is cheapest:
-- per request, by the servicer (`RequestTracker`): requests, tokens, latencies, error codes;
+- per request, by the gRPC servicer and the HTTP API alike (`RequestTracker`): requests, tokens,
+  latencies, error codes;
 - per engine step, by a step listener on the engine thread: batch size and distinct adapters;
 - at scrape time, from `engine.snapshot()` (`_SnapshotCollector`): queue, running requests, KV usage,
-  adapters by state, and the adapter store's load/eviction counters (kept by the store, so exposed
-  as counters built at scrape time rather than mirrored).
+  adapters by state, the adapters of running and waiting requests (the inference gateway's
+  `lora_requests_info` format), and the adapter store's load/eviction counters (kept by the store,
+  so exposed as counters built at scrape time rather than mirrored).
 
 Every metric is listed with its meaning in README.md ("Metrics").
 """
@@ -173,5 +175,13 @@ class _SnapshotCollector(Collector):
             evictions.add_metric([tier], snap.adapter_evictions.get(tier, 0))
         yield loads
         yield evictions
+        # vLLM's vllm:lora_requests_info, which the inference gateway's endpoint picker reads for adapter affinity
+        lora_info = GaugeMetricFamily("loraplex_lora_requests_info", "Adapters of running and waiting requests "
+                                      "(comma-separated labels) and device adapter slots (max_lora); the value is "
+                                      "the Unix time of this state", labels=["running_lora_adapters",
+                                                                            "waiting_lora_adapters", "max_lora"])
+        lora_info.add_metric([",".join(sorted(snap.running_adapters)), ",".join(sorted(snap.waiting_adapters)),
+                              str(engine.engine.config.adapters.max_device_adapters)], time.time())
+        yield lora_info
         yield CounterMetricFamily("loraplex_preemptions", "Sequences preempted (KV blocks ran out; they are "
                                   "recomputed later)", value=snap.num_preemptions)

@@ -1,10 +1,14 @@
-"""Build and run the gRPC server: bind, load the engine, warm up, serve, drain on a signal.
+"""Build and run the server: bind, load the engine, warm up, serve, drain on a signal.
+
+gRPC, /metrics and (with --http-port) the OpenAI-compatible HTTP API all serve one engine; gRPC and
+HTTP handlers run on the same event loop.
 
 Lifecycle (the health service tells clients and load balancers where it stands):
 
     bind ports (health NOT_SERVING) → load the model → register --adapter ones → warm-up generation
     → SERVING ... SIGTERM/SIGINT → NOT_SERVING, new requests UNAVAILABLE → running requests finish
     (up to --drain-grace s; a second signal cuts it short) → stop → exit 0
+    (the HTTP API follows the same states: GET /health answers 503 until SERVING and while draining)
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +33,9 @@ from loraplex.server.errors import EngineError, UserError
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from loraplex.server.api.http import HttpServer
+
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Generator", "Adapters"))
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
@@ -40,7 +47,8 @@ WARMUP_PROMPT = "Hello"
 
 
 class LoraplexServer:
-    """One server: gRPC (both services, health, reflection) and /metrics, around one AsyncEngine."""
+    """One server: gRPC (both services, health, reflection), /metrics and the optional HTTP API, around
+    one AsyncEngine."""
 
     def __init__(self, config: ServerConfig, log: Callable[[str], None] = print):
         self.config = config
@@ -51,6 +59,8 @@ class LoraplexServer:
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.http: "HttpServer | None" = None
         self._stop_metrics: Callable[[], None] | None = None
 
     @property
@@ -60,6 +70,13 @@ class LoraplexServer:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.config.host}:{self.metrics_port}/metrics"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (an OpenAI client's base_url), or "" without --http-port."""
+        if self.http is None:
+            return ""
+        return f"{'https' if self.http.tls else 'http'}://{self.config.host}:{self.http_port}/v1"
 
     # ------------------------------------------------------------------ start
     async def bind(self) -> None:
@@ -92,6 +109,16 @@ class LoraplexServer:
         except OSError as error:
             await server.stop(None)
             raise UserError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}") from None
+        if config.http_port is not None:
+            from loraplex.server.api.http import HttpServer
+
+            http = HttpServer(self.state)
+            try:
+                self.http_port = await http.start(config.host, config.http_port)
+            except BaseException:
+                await self.stop()
+                raise
+            self.http = http
 
     async def load(self) -> None:
         """Load the model, register the --adapter adapters, warm up, then report SERVING."""
@@ -153,9 +180,14 @@ class LoraplexServer:
 
     async def stop(self) -> None:
         """Stop serving at once (what `drain` left running is cancelled) and release everything."""
+        stopping = []
         if self.grpc_server is not None:
             # a moment for handlers whose engine request already ended to send their last message
-            await self.grpc_server.stop(grace=1.0)
+            stopping.append(self.grpc_server.stop(grace=1.0))
+        if self.http is not None:
+            stopping.append(self.http.stop())  # the same moment for HTTP responses
+            self.http = None
+        await asyncio.gather(*stopping)
         if self._stop_metrics is not None:
             self._stop_metrics()
             self._stop_metrics = None
@@ -185,7 +217,8 @@ async def run(config: ServerConfig) -> int:
     server = LoraplexServer(config, log=lambda line: print(line, flush=True))
     try:
         await server.bind()
-        print(f"loraplex serve: listening on {server.address} metrics on {server.metrics_url}", flush=True)
+        http = f" http on {server.http_url}" if server.http_url else ""
+        print(f"loraplex serve: listening on {server.address} metrics on {server.metrics_url}{http}", flush=True)
         loading = asyncio.ensure_future(server.load())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -27,7 +27,7 @@ from loraplex.server.adapter_store import AdapterInfo, AdapterState
 from loraplex.server.api.config import ServerConfig
 from loraplex.server.api.metrics import Metrics, RequestTracker
 from loraplex.server.engine import GenerationRequest, RequestOutput
-from loraplex.server.errors import EngineError, InvalidArgument
+from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.sampling import SamplingParams
 from loraplex.v1 import loraplex_pb2 as pb
@@ -131,15 +131,29 @@ class _Handler:
         self.state.metrics.count_error("DEADLINE_EXCEEDED" if expired else "CANCELLED")
 
     def _engine(self) -> "AsyncEngine":
-        state = self.state
-        if state.draining:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE,
-                         "the server is shutting down and accepts no new requests; retry on another replica")
-        if not state.ready or state.engine is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE,
-                         "the server is still loading the model and warming up; wait until its health "
-                         "service reports SERVING")
-        return state.engine
+        try:
+            return accepting_engine(self.state)
+        except EngineError as error:
+            raise _from_engine_error(error) from None
+
+
+def accepting_engine(state: ServerState) -> "AsyncEngine":
+    """The engine if the server takes new requests now; Unavailable while warming up or draining."""
+    if state.draining:
+        raise Unavailable("the server is shutting down and accepts no new requests; retry on another replica")
+    if not state.ready or state.engine is None:
+        raise Unavailable("the server is still loading the model and warming up; wait until its health "
+                          "service reports SERVING (HTTP: GET /health answers 200)")
+    return state.engine
+
+
+def admit(state: ServerState) -> "AsyncEngine":
+    """The engine for a new generation request, within --max-queued-requests (else ResourceExhausted)."""
+    engine = accepting_engine(state)
+    if state.in_flight >= state.config.max_queued_requests:
+        raise ResourceExhausted(f"the server has {state.in_flight} requests in flight, its limit "
+                                f"(--max-queued-requests {state.config.max_queued_requests}); retry later")
+    return engine
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
@@ -208,18 +222,12 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
         """The engine outputs of one request, with admission, status codes and metrics around them."""
         state = self.state
         try:
-            engine = self._engine()
-            if state.in_flight >= state.config.max_queued_requests:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"the server has {state.in_flight} requests in flight, its limit "
-                             f"(--max-queued-requests {state.config.max_queued_requests}); retry later")
+            engine = admit(state)
             engine_request = to_generation_request(request)
-        except _Abort as abort:
-            await self._fail(context, abort)
         except EngineError as error:
             await self._fail(context, _from_engine_error(error))
         request_id = request.request_id or engine_request.request_id
-        call = _Call(state, engine, engine_request.request_id, state.metrics.track(request.adapter_id))
+        call = Call(state, engine, engine_request.request_id, state.metrics.track(request.adapter_id))
         # However the RPC ends (even if grpc drops this generator without closing it), the engine
         # sequence is aborted and the accounting closed.
         context.add_done_callback(lambda _: call.close())
@@ -244,8 +252,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             call.close()
 
 
-class _Call:
-    """One accepted generation RPC; `close` (idempotent) releases everything it holds."""
+class Call:
+    """One accepted generation request (a gRPC call, or a prompt of an HTTP request); `close`
+    (idempotent) releases everything it holds."""
 
     def __init__(self, state: ServerState, engine: "AsyncEngine", engine_id: str, tracker: RequestTracker):
         self.state = state

@@ -3,9 +3,12 @@ the status codes that need a server of their own configuration, preload and pin,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import ssl
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
@@ -158,13 +161,21 @@ def test_tls(demo_model_dir, tmp_path):
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, env={**os.environ, "OPENSSL_CONF": "/dev/null"})
     thread = ServerThread(ServerConfig(engine=engine_config(demo_model_dir), port=0, metrics_port=0, warmup=False,
-                                       tls_cert=cert, tls_key=key)).start()
+                                       tls_cert=cert, tls_key=key, http_port=0)).start()
     try:
         with Client(thread.address, root_certificates=cert.read_bytes()) as client:
             assert client.generate("hi", max_new_tokens=1, ignore_eos=True).completion_tokens == 1
         with Client(thread.address, timeout=5) as plaintext:
             with pytest.raises(clients.Unavailable):
                 plaintext.generate("hi")
+        # the HTTP API serves the same certificate
+        url = thread.server.http_url
+        assert url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(url + "/models", context=context, timeout=10) as response:
+            assert json.loads(response.read())["data"][0]["id"] == demo_model_dir.name
+        with pytest.raises(OSError):  # plaintext: the server drops the connection
+            urllib.request.urlopen(url.replace("https://", "http://") + "/models", timeout=10)
     finally:
         thread.stop()
 

@@ -159,10 +159,12 @@ def repo_layout(demo_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def repo_server(demo_model_dir, repo_layout):
-    """`loraplex serve --adapter-repo REPO --adapter-root REPO --admin-token ...` with nothing registered."""
+    """`loraplex serve --adapter-repo REPO --adapter-root REPO --admin-token ... --http-port 0` with nothing
+    registered."""
     server = start_server(
         demo_model_dir, "--adapter-repo", str(repo_layout), "--adapter-root", str(repo_layout),
-        "--admin-token", ADMIN_TOKEN, "--kv-cache-tokens", "1024", "--max-rank", "16", startup_timeout=150.0,
+        "--admin-token", ADMIN_TOKEN, "--kv-cache-tokens", "1024", "--max-rank", "16", "--http-port", "0",
+        startup_timeout=150.0,
     )
     yield server
     server.stop()

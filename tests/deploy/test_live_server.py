@@ -65,3 +65,25 @@ def test_the_probes_of_deploy_find_the_server_serving(repo_server):
     result = subprocess.run([sys.executable, "-m", "loraplex.server.cli", *command[1:]], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stdout.startswith("UNAVAILABLE"), result.stdout + result.stderr
+
+
+def test_the_endpoint_picker_finds_its_metrics_on_the_pool_port(repo_server):
+    """The inference gateway's picker scrapes /metrics on the pool's target port (the HTTP API's) and
+    parses the lora info gauge by its labels, as it does vLLM's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.deploy.test_gateway import EPP_METRIC_FLAGS, epp_flags
+
+    with repo_server.client() as client:
+        client.generate("Q: Where do fish live?\nA:", adapter="delta", max_new_tokens=2)
+    url = repo_server.http_url.removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    flags = epp_flags()
+    for flag in EPP_METRIC_FLAGS:
+        assert flags[flag] in families, f"{flag} {flags[flag]} is not on {url}"
+    (info,) = families[flags["--lora-info-metric"]].samples
+    assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert int(info.labels["max_lora"]) >= 1 and info.value > 1e9  # a Unix time
+    kv = families[flags["--kv-cache-usage-percentage-metric"]].samples[0].value
+    assert 0 <= kv <= 1, "the picker reads a fraction from 0 to 1"

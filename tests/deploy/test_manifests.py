@@ -75,7 +75,7 @@ def check_serve_settings(args) -> None:
     AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                   max_host_adapters=args.max_host_adapters)
     ServerConfig(engine=EngineConfig(model=ModelConfig(path=Path("/models"))), host=args.host, port=args.port,
-                 metrics_port=args.metrics_port, drain_grace=args.drain_grace,
+                 metrics_port=args.metrics_port, http_port=args.http_port, drain_grace=args.drain_grace,
                  max_queued_requests=args.max_queued_requests)
 
 
@@ -197,7 +197,7 @@ def test_ports_agree_everywhere():
     k8s = parse_loraplex(deployment_argv())
     container = deployment_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": k8s.port, "metrics": k8s.metrics_port}
+    assert ports == {"grpc": k8s.port, "metrics": k8s.metrics_port, "http": k8s.http_port}
     annotations = k8s_object("Deployment", "loraplex")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == k8s.metrics_port
@@ -208,6 +208,7 @@ def test_ports_agree_everywhere():
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert {p["targetPort"] for p in service_ports.values()} <= set(ports)
     assert service_ports["grpc"]["port"] == k8s.port and service_ports["metrics"]["port"] == k8s.metrics_port
+    assert service_ports["http"]["port"] == k8s.http_port
     monitor = load_yaml("k8s/servicemonitor.yaml")
     assert monitor["spec"]["endpoints"][0]["port"] in service_ports
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -227,13 +228,13 @@ def test_ports_agree_everywhere():
 
     image = parse_loraplex(dockerfile_json("CMD"))
     exposed = {int(p) for word, rest in dockerfile_instructions() if word == "EXPOSE" for p in rest.split()}
-    assert exposed == {image.port, image.metrics_port}
+    assert exposed == {image.port, image.metrics_port, image.http_port}
     assert flag(dockerfile_json("HEALTHCHECK"), "--server") == f"127.0.0.1:{image.port}"
 
     services = compose()["services"]
     served = parse_loraplex(services["loraplex"]["command"])
     published = {int(p.rsplit(":", 1)[1]) for p in services["loraplex"]["ports"]}
-    assert published == {served.port, served.metrics_port}
+    assert published == {served.port, served.metrics_port, served.http_port}
     assert flag(services["loraplex"]["healthcheck"]["test"], "--server") == f"127.0.0.1:{served.port}"
     scrape = load_yaml("prometheus/prometheus.yml")["scrape_configs"]
     assert [s["job_name"] for s in scrape] == ["loraplex"]

@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import openai
 import pytest
 
 from loraplex import clients
@@ -197,10 +198,13 @@ def test_reflection_lists_the_services(server):
 
 
 def test_sigterm_drains_running_requests_then_exits_0(demo_model_dir):
-    server = start_server(demo_model_dir, "--drain-grace", "60", "--kv-cache-tokens", "2048")
+    server = start_server(demo_model_dir, "--drain-grace", "60", "--kv-cache-tokens", "2048", "--http-port", "0")
     try:
         pieces: list = []
+        chunks: list = []
         started = threading.Event()
+        http_started = threading.Event()
+        api = openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0)
 
         def long_request() -> None:
             with server.client() as client:
@@ -208,9 +212,18 @@ def test_sigterm_drains_running_requests_then_exits_0(demo_model_dir):
                     pieces.append(piece)
                     started.set()
 
+        def long_http_stream() -> None:
+            for chunk in api.completions.create(model=demo_model_dir.name, prompt=PROMPTS[0], max_tokens=600,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}):
+                chunks.append(chunk)
+                http_started.set()
+
         worker = threading.Thread(target=long_request)
         worker.start()
-        assert started.wait(60)
+        http_worker = threading.Thread(target=long_http_stream)
+        http_worker.start()
+        assert started.wait(60) and http_started.wait(60)
         server.process.send_signal(signal.SIGTERM)
         with server.client() as client:
             deadline = time.monotonic() + 30
@@ -219,10 +232,16 @@ def test_sigterm_drains_running_requests_then_exits_0(demo_model_dir):
                 time.sleep(0.02)
             with pytest.raises(clients.Unavailable, match="shutting down"):
                 client.generate("hi", max_new_tokens=2)
+        with pytest.raises(openai.InternalServerError, match="shutting down") as refused:
+            api.completions.create(model=demo_model_dir.name, prompt="hi", max_tokens=2)
+        assert refused.value.status_code == 503
         assert not pieces[-1].finished, "the running request ended before the drain was checked"
+        assert chunks[-1].usage is None, "the running HTTP stream ended before the drain was checked"
         worker.join(120)
+        http_worker.join(120)
         assert pieces[-1].finish_reason == "length" and pieces[-1].completion_tokens == 600
         assert sum(len(p.token_ids) for p in pieces) == 600
+        assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 600
         assert server.process.wait(timeout=60) == 0
         assert "draining" in server.output()
     finally:
