@@ -40,6 +40,7 @@ from loraplex.server.api.servicer import Call, ServerState, accepting_engine, ad
 from loraplex.server.engine import GenerationRequest, RequestOutput
 from loraplex.server.errors import EngineError, InvalidArgument, NotFound, PermissionDenied
 from loraplex.server.errors import UserError
+from loraplex.server.failures import internal_error_message, report_internal_error
 
 if TYPE_CHECKING:
     from loraplex.server.engine import AsyncEngine
@@ -118,9 +119,7 @@ class HttpApi:
 
     def _internal(self, where: str) -> ApiError:
         """Log the exception being handled under a fresh id; the client gets only the id."""
-        error_id = uuid.uuid4().hex[:16]
-        log.exception("unexpected error %s in %s", error_id, where)
-        return ApiError("INTERNAL", f"internal server error (error id {error_id}); the server log has the details")
+        return ApiError("INTERNAL", internal_error_message(report_internal_error(where)))
 
     def _guarded(self, handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
         """Every failure of `handler` as OpenAI's error object; an unexpected exception as a 500."""
