@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplex.server.quantization import INT8_THRESHOLD
 from loraplex.server.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
@@ -26,6 +27,9 @@ class ModelConfig:
     """Compute dtype of activations, LoRA weights and (unquantized) base weights."""
     device: str = "cpu"
     """"cpu" or "cuda[:N]"."""
+    int8_threshold: float = INT8_THRESHOLD
+    """LLM.int8's outlier threshold: 0 (pure vector-wise int8) keeps every request's tokens independent
+    of the batch; bitsandbytes' 6.0 takes outlier columns, chosen over the whole batch, in 16 bits."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -35,6 +39,16 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not self.int8_threshold >= 0.0:
+            raise ValueError(f"int8_threshold must be >= 0, got {self.int8_threshold}")
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a request's tokens are independent of the other requests in its batches: float32 on
+        CPU (the tests check it for every quantization and adapter type), unless LLM.int8 picks outlier
+        columns over the batch. Half precision reorders reductions with the batch; GPUs are unmeasured."""
+        return (self.device == "cpu" and self.dtype == "float32"
+                and not (self.quantization == "int8" and self.int8_threshold > 0))
 
 
 @dataclass(frozen=True)
