@@ -17,6 +17,7 @@ ADAPTER_STATES = {
     pb.ADAPTER_STATE_REGISTERED: "registered",
     pb.ADAPTER_STATE_HOST: "host",
     pb.ADAPTER_STATE_DEVICE: "device",
+    pb.ADAPTER_STATE_QUARANTINED: "quarantined",
 }
 
 
@@ -47,9 +48,11 @@ class Adapter:
     target_modules: list[str]
     num_virtual_tokens: int
     state: str
-    """"registered" (disk only), "host" (host memory) or "device" (a device slot)."""
+    """"registered" (disk only), "host" (host memory), "device" (a device slot) or "quarantined" (its
+    requests failed repeatedly: refused until registered again)."""
     size_bytes: int
     pinned: bool
+    quarantine_reason: str = ""
 
 
 @dataclass
@@ -69,6 +72,9 @@ class ServerInfo:
     running_requests: int
     queued_requests: int
     max_queued_requests: int
+    batch_invariant: bool = False
+    """A request's tokens do not depend on what else shares its batches (see the proto)."""
+    int8_threshold: float = 0.0
 
 
 def generate_request(
@@ -127,6 +133,7 @@ def adapter(message: pb.Adapter) -> Adapter:
         state=ADAPTER_STATES.get(message.state, "unspecified"),
         size_bytes=message.size_bytes,
         pinned=message.pinned,
+        quarantine_reason=message.quarantine_reason,
     )
 
 

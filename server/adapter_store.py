@@ -10,6 +10,8 @@
   running sequences; a slot used by the current step is never evicted.
 - Every accepted request holds a reference (`acquire`/`release`): unregistering an adapter refuses
   new requests at once, while the accepted ones finish on the weights they started with.
+- An adapter whose requests keep failing inside engine steps (`record_failure`) is quarantined: new
+  requests get FAILED_PRECONDITION until it is unregistered and registered again.
 - With an adapter repository (`AdapterConfig.adapter_repo`), `acquire` of an unregistered id first
   registers `<repo>/<id>/` (`load_from_repo`), so replicas sharing a volume serve all of its adapters
   without a register call each. Async callers run `load_from_repo` off their event loop beforehand.
@@ -30,17 +32,22 @@ from typing import Callable
 
 from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
-from loraplex.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraplex.server.errors import (AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound,
+                                    PermissionDenied, Unavailable)
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+QUARANTINE_AFTER = 2
+"""Engine steps in which every request of an adapter failed, after which it is quarantined: one
+failure may be a bad request; a second means the adapter itself cannot run."""
 
 
 class AdapterState(enum.Enum):
     REGISTERED = "registered"  # on disk only
     HOST = "host"  # converted, in host memory
     DEVICE = "device"  # in a device slot
+    QUARANTINED = "quarantined"  # failed in engine steps repeatedly; refused until registered again
 
 
 @dataclass
@@ -56,6 +63,8 @@ class AdapterInfo:
     state: AdapterState
     size_bytes: int
     pinned: bool
+    quarantine_reason: str | None = None
+    """Why the adapter is quarantined (state QUARANTINED)."""
 
 
 @dataclass
@@ -76,6 +85,8 @@ class _Entry:
     unregistered: bool = False
     loading: bool = False
     error: str | None = None  # the last background load failed
+    failures: int = 0  # engine steps in which all of its requests failed
+    quarantined: str | None = None  # why it is refused until registered again
 
 
 def validate_adapter_id(adapter_id: str) -> None:
@@ -120,6 +131,7 @@ class AdapterStore:
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(config.max_device_adapters))
         self.loads: Counter[str] = Counter()  # tier -> loads into it
         self.evictions: Counter[str] = Counter()  # tier -> evictions from it
+        self.quarantines = 0  # adapters quarantined since start
         self.load_listeners: list[Callable[[str, float], None]] = []  # (tier, seconds) after each load
         self._repo_loads: dict[str, threading.Lock] = {}  # adapter id -> held while reading it from the repo
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -210,6 +222,11 @@ class AdapterStore:
         self.load_from_repo(adapter_id)
         with self._lock:
             entry = self._get(adapter_id)
+            if entry.quarantined is not None:
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} is quarantined: {entry.quarantined}; unregister it and register it "
+                    "again to serve it"
+                )
             entry.references += 1
             if entry.weights is None and entry.slot is None:
                 self._request_load(entry)
@@ -262,11 +279,30 @@ class AdapterStore:
             entry = self._entries.get(key)
             return entry is not None and entry.slot is not None
 
-    def failure(self, key: str) -> str | None:
-        """Why the adapter's last background reload failed (its files changed on disk), if it did."""
+    def failure(self, key: str) -> EngineError | None:
+        """Why the adapter's requests cannot run, if they cannot: its last background reload failed
+        (its files changed on disk: UNAVAILABLE), or it is quarantined (FAILED_PRECONDITION)."""
         with self._lock:
             entry = self._entries.get(key)
-            return None if entry is None else entry.error
+            if entry is None:
+                return None
+            if entry.quarantined is not None:
+                return FailedPrecondition(f"adapter {entry.adapter_id!r} is quarantined: {entry.quarantined}")
+            return None if entry.error is None else Unavailable(entry.error)
+
+    def record_failure(self, key: str, reason: str) -> bool:
+        """Count an engine step in which every request of the adapter failed with `reason`; returns
+        whether the adapter is now quarantined (after QUARANTINE_AFTER of them)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            entry.failures += 1
+            if entry.quarantined is None and entry.failures >= QUARANTINE_AFTER:
+                entry.quarantined = f"its requests failed in {entry.failures} engine steps, last with {reason}"
+                self.quarantines += 1
+                log.error("adapter %r quarantined: %s", entry.adapter_id, entry.quarantined)
+            return entry.quarantined is not None
 
     def assign_slots(self, keys: set[str]) -> dict[str, int]:
         """Device slots for this step's adapters (at most max_device_adapters of them)."""
@@ -321,6 +357,8 @@ class AdapterStore:
         return self._entries[key]
 
     def _state(self, entry: _Entry) -> AdapterState:
+        if entry.quarantined is not None:
+            return AdapterState.QUARANTINED
         if entry.slot is not None:
             return AdapterState.DEVICE
         if entry.weights is not None:
@@ -330,7 +368,7 @@ class AdapterStore:
     def _info(self, entry: _Entry) -> AdapterInfo:
         return AdapterInfo(entry.adapter_id, str(entry.source), entry.peft_type, entry.max_rank,
                            list(entry.target_modules), entry.num_virtual_tokens, self._state(entry),
-                           entry.size_bytes, entry.pinned)
+                           entry.size_bytes, entry.pinned, entry.quarantined)
 
     def _store_host(self, entry: _Entry, weights: AdapterWeights, seconds: float) -> None:
         entry.weights = weights

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from loraplex.kernels import devices
+from loraplex.server.quantization import INT8_THRESHOLD
 from loraplex.server.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
@@ -29,6 +30,9 @@ class ModelConfig:
     """Compute dtype of activations, LoRA weights and (unquantized) base weights."""
     device: str = "cpu"
     """"cpu" or "cuda[:N]"; kept as the device tensors report ("cuda" becomes "cuda:0", the current device)."""
+    int8_threshold: float = INT8_THRESHOLD
+    """LLM.int8's outlier threshold: 0 (pure vector-wise int8) keeps every request's tokens independent
+    of the batch; bitsandbytes' 6.0 takes outlier columns, chosen over the whole batch, in 16 bits."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -43,6 +47,16 @@ class ModelConfig:
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         object.__setattr__(self, "device", str(devices.normalize(device)))
+        if not self.int8_threshold >= 0.0:
+            raise ValueError(f"int8_threshold must be >= 0, got {self.int8_threshold}")
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a request's tokens are independent of the other requests in its batches: float32 on
+        CPU (the tests check it for every quantization and adapter type), unless LLM.int8 picks outlier
+        columns over the batch. Half precision reorders reductions with the batch; GPUs are unmeasured."""
+        return (self.device == "cpu" and self.dtype == "float32"
+                and not (self.quantization == "int8" and self.int8_threshold > 0))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ API maps to a status code) and hand work to the step thread through an inbox. On
 
     drain inbox → schedule → assign adapter slots → run the model → sample → detokenize/stop → emit
 
+A step that raises ends only the requests that cause it (`_isolate`): the step's sequences are run
+again split by adapter, failing groups halved down to single sequences; everyone else's results of
+the step are kept. An adapter whose every request fails is named in their error and, after repeated
+failures, quarantined by the adapter store.
+
 `AsyncEngine` runs the step loop in its own thread and exposes `generate(request)` as an async
 iterator of `RequestOutput`s for asyncio code (the gRPC servicer).
 """
@@ -17,7 +22,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -31,7 +36,7 @@ from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.model_runner import ModelRunner, StepInput
 from loraplex.server.sampling import Sampler, SamplingParams, make_generator
-from loraplex.server.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from loraplex.server.sequence import Sequence, SharedPrefix
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,10 @@ class EngineSnapshot:
     adapter_evictions: dict[str, int]
     num_steps: int
     num_preemptions: int
+    num_step_failures: int
+    """Steps that raised and were rerun to isolate the failing requests."""
+    num_quarantines: int
+    """Adapters quarantined since start."""
     running_adapters: frozenset[str] = frozenset()
     """Adapter ids of running requests (the base model not counted)."""
     waiting_adapters: frozenset[str] = frozenset()
@@ -131,6 +140,7 @@ class LLMEngine:
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
         self.num_preemptions = 0
+        self.num_step_failures = 0
 
     def _eos_ids(self) -> set[int]:
         ids = self.runner.hf_config.eos_token_id
@@ -242,6 +252,8 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             running_adapters=_adapter_ids(running),
             waiting_adapters=_adapter_ids(waiting),
+            num_step_failures=self.num_step_failures,
+            num_quarantines=self.store.quarantines,
         )
 
     # ------------------------------------------------------------------ the step thread
@@ -267,26 +279,20 @@ class LLMEngine:
             return None
         running_keys = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
         running_keys |= {s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}
-        slots = self.store.assign_slots(running_keys)
-        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_id, -1), s.samples)
-                  for s in out.scheduled]
-        logits = self.runner.execute(inputs)
-        sampling = [s.seq for s in out.scheduled if s.samples]
-        sampled: dict[int, int] = {}
-        logprobs: dict[int, float] = {}
-        if sampling:
-            tokens, token_logprobs = self.sampler.sample(
-                logits,
-                [seq.extra.request.sampling for seq in sampling],
-                [seq.extra.generator for seq in sampling],
-                [seq.token_ids for seq in sampling],
-            )
-            for seq, token, logprob in zip(sampling, tokens, token_logprobs):
-                sampled[seq.seq_id] = token
-                logprobs[seq.seq_id] = logprob
+        try:
+            sampled, logprobs = self._run(out.scheduled, running_keys)
+        except Exception as error:
+            sampled, logprobs = self._isolate(out.scheduled, error)
         self.scheduler.update(out, sampled)
-        for seq in sampling:
-            self._postprocess(seq, sampled[seq.seq_id], logprobs[seq.seq_id])
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.seq_id not in sampled:
+                continue
+            try:
+                self._postprocess(seq, sampled[seq.seq_id], logprobs[seq.seq_id])
+            except Exception as error:  # detokenizing or stop-checking this request's text: end it alone
+                log.exception("postprocessing request %s failed", seq.request_id)
+                self._fail(seq, EngineError(f"the engine failed on this request's output: {error!r}"))
         stats = StepStats(
             num_tokens=sum(s.num_new_tokens for s in out.scheduled),
             num_sequences=len(out.scheduled),
@@ -298,6 +304,87 @@ class LLMEngine:
         for listener in self.step_listeners:
             listener(stats)
         return stats
+
+    def _run(self, items: list[ScheduledSequence], keys: set[str]) -> tuple[dict[int, int], dict[int, float]]:
+        """Run `items` in one forward pass and sample them: ({seq_id: token}, {seq_id: logprob}).
+
+        keys: adapters that get (or keep) a device slot, at least those of `items`.
+        """
+        slots = self.store.assign_slots(keys)
+        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_id, -1), s.samples)
+                  for s in items]
+        logits = self.runner.execute(inputs)
+        sampling = [s.seq for s in items if s.samples]
+        if not sampling:
+            return {}, {}
+        tokens, logprobs = self.sampler.sample(
+            logits,
+            [seq.extra.request.sampling for seq in sampling],
+            [seq.extra.generator for seq in sampling],
+            [seq.token_ids for seq in sampling],
+        )
+        ids = [seq.seq_id for seq in sampling]
+        return dict(zip(ids, tokens)), dict(zip(ids, logprobs))
+
+    def _isolate(self, items: list[ScheduledSequence],
+                 error: Exception) -> tuple[dict[int, int], dict[int, float]]:
+        """The step raised `error`: find the sequences that make it fail, end only those, and return
+        the sampled tokens of all the others.
+
+        The sequences run again split by adapter; a group that still fails is halved down to single
+        sequences. Nothing a failed run did survives it: the scheduler has not advanced, the KV
+        positions it wrote are written again by each sequence's successful run (before anything reads
+        them), and the sampler restores the generators it drew from when it raises. Only this path
+        pays for the search; a step that does not raise costs nothing more.
+        """
+        self.num_step_failures += 1
+        log.warning("an engine step of %d sequences failed (%r); rerunning them to isolate the cause",
+                    len(items), error)
+        groups: dict[str | None, list[ScheduledSequence]] = defaultdict(list)
+        for item in items:
+            groups[item.seq.adapter_id].append(item)
+        failed: dict[int, Exception] = {}
+        if len(items) == 1:
+            failed[items[0].seq.seq_id] = error
+            pending = []
+        else:
+            pending = list(groups.values()) if len(groups) > 1 else _halves(items)
+        sampled: dict[int, int] = {}
+        logprobs: dict[int, float] = {}
+        while pending:
+            part = pending.pop()
+            try:
+                part_sampled, part_logprobs = self._run(part, {s.seq.adapter_id for s in part} - {None})
+            except Exception as part_error:
+                if len(part) == 1:
+                    failed[part[0].seq.seq_id] = part_error
+                else:
+                    pending.extend(_halves(part))
+                continue
+            sampled.update(part_sampled)
+            logprobs.update(part_logprobs)
+        for key, group in groups.items():
+            bad = [item.seq for item in group if item.seq.seq_id in failed]
+            if not bad:
+                continue
+            adapter_id = bad[0].extra.request.adapter_id
+            whole_adapter = key is not None and len(bad) == len(group)
+            quarantined = whole_adapter and self.store.record_failure(key, repr(failed[bad[0].seq_id]))
+            for seq in bad:
+                cause = repr(failed[seq.seq_id])
+                if whole_adapter:
+                    then = "; it is now quarantined" if quarantined else ""
+                    message = f"adapter {adapter_id!r} failed in the engine step: {cause}{then}"
+                else:
+                    what = f"adapter {adapter_id!r}" if adapter_id else "the base model"
+                    message = f"this request ({what}) failed in the engine step: {cause}"
+                log.error("ending request %s: %s", seq.request_id, message)
+                self._fail(seq, EngineError(message + "; other requests were not affected"))
+        return sampled, logprobs
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        self.scheduler.abort(seq.seq_id)
+        self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
 
     def _step_input(self, seq: Sequence, n: int, slot: int, samples: bool) -> StepInput:
         state: _RequestState = seq.extra
@@ -359,11 +446,9 @@ class LLMEngine:
     def _fail_broken_adapters(self) -> None:
         for seq in list(self._sequences.values()):
             key = seq.adapter_id
-            reason = self.store.failure(key) if key is not None and not seq.is_finished else None
-            if reason:
-                self.scheduler.abort(seq.seq_id)
-                error = Unavailable(reason)
-                self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
+            error = self.store.failure(key) if key is not None and not seq.is_finished else None
+            if error is not None:
+                self._fail(seq, error)
 
     def _postprocess(self, seq: Sequence, token: int, logprob: float) -> None:
         state: _RequestState = seq.extra
@@ -413,10 +498,10 @@ class LLMEngine:
         state.sink(output)
 
     def fail_all(self, error: EngineError) -> None:
-        """End every live request with `error` (the step loop hit a bug; keep serving the rest)."""
+        """End every live request with `error`: the engine's own bookkeeping (scheduling, not the
+        model step, whose failures `_isolate` confines) hit a bug, so no state can be trusted."""
         for seq in list(self._sequences.values()):
-            self.scheduler.abort(seq.seq_id)
-            self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
+            self._fail(seq, error)
         self._inbox.clear()
 
     def close(self) -> None:
@@ -425,6 +510,11 @@ class LLMEngine:
 
 def _adapter_ids(sequences: list[Sequence]) -> frozenset[str]:
     return frozenset(seq.extra.request.adapter_id for seq in sequences if seq.extra.request.adapter_id)
+
+
+def _halves(items: list[ScheduledSequence]) -> list[list[ScheduledSequence]]:
+    middle = len(items) // 2
+    return [items[:middle], items[middle:]]
 
 
 class AsyncEngine:

@@ -23,7 +23,7 @@ from loraplex.server.config import EngineConfig, check_adapter_dtype
 from loraplex.server.decoder import DecoderForward
 from loraplex.server.errors import UserError
 from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
-from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+from loraplex.server.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_base_model(config: EngineConfig):
     dtype = DTYPES[model_config.dtype]
     kwargs: dict = {"dtype": dtype}
     if model_config.quantization != "none":
-        kwargs["quantization_config"] = bnb_config(model_config.quantization, dtype)
+        kwargs["quantization_config"] = bnb_config(model_config.quantization, dtype, model_config.int8_threshold)
         kwargs["device_map"] = {"": model_config.device}
     hf_config = AutoConfig.from_pretrained(path)
     if getattr(hf_config, "is_encoder_decoder", False):
@@ -159,10 +159,8 @@ class ModelRunner:
     def _base_weight(self, path: str) -> torch.Tensor:
         """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA
         (a 4-bit/8-bit weight whole, in the compute dtype: one weight's worth, freed after its norms)."""
-        from peft.utils.integrations import dequantize_module_weight
-
         with torch.no_grad():
-            return dequantize_module_weight(self.lora_table[path].base).detach()
+            return dequantized_weight(self.lora_table[path].base).detach()
 
     # ------------------------------------------------------------------ adapters
     def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
@@ -213,8 +211,10 @@ class ModelRunner:
         if token_slots == self._meta_slots:
             # consecutive decode steps of one batch have the same layout: the meta is already right
             return self.lora_meta
+        self._meta_slots = None  # a failed update must not pass for the layout it was building
+        meta = self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
         self._meta_slots = list(token_slots)
-        return self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
+        return meta
 
     @torch.inference_mode()
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:

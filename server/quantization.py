@@ -10,8 +10,15 @@ from typing import Any
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def bnb_config(quantization: str, compute_dtype: Any):
-    """The `BitsAndBytesConfig` for "nf4" (4-bit NormalFloat with double quant, as QLoRA) or "int8"."""
+# LLM.int8's outlier threshold: 0 quantizes every input column vector-wise, so each row's result is its
+# own; above 0, columns whose magnitude in ANY row of the batch exceeds it run in 16 bits, so a row's
+# result depends on the other rows (the other requests of the step).
+INT8_THRESHOLD = 0.0
+
+
+def bnb_config(quantization: str, compute_dtype: Any, int8_threshold: float = INT8_THRESHOLD):
+    """The `BitsAndBytesConfig` for "nf4" (4-bit NormalFloat with double quant, as QLoRA) or "int8"
+    (LLM.int8 with outlier threshold `int8_threshold`; 0, the default, is batch-invariant)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
@@ -22,7 +29,7 @@ def bnb_config(quantization: str, compute_dtype: Any):
             bnb_4bit_compute_dtype=compute_dtype,
         )
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
@@ -38,3 +45,17 @@ def keep_bnb_off_packed_cpu_path(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def dequantized_weight(module: Any) -> Any:
+    """A linear layer's weight [out, in], dequantized if bitsandbytes quantized it; the layer still runs after.
+
+    peft's `dequantize_module_weight` gives the same values, but on an 8-bit layer it also replaces the
+    weight by a copy without its scales, and every later forward of a layer that already ran fails.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = module.weight
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        return dequantize_bnb_weight(weight, getattr(module, "state", None))
+    return weight

@@ -247,15 +247,25 @@ class Sampler:
             # Exponential race: argmax(p / q), q ~ Exp(1) i.i.d., picks token t with probability p[t];
             # in log space so tokens whose probability underflows keep their (tiny) chance.
             noise = torch.empty(len(sampled), vocab, dtype=torch.float32, device=device)
-            for row, i in enumerate(sampled):
-                generator = generators[i]
-                if generator is None:
-                    generator = self._fallback_generator(device)
-                noise[row].exponential_(generator=generator)
-            noise.clamp_(min=torch.finfo(torch.float32).tiny)  # q == 0 would give -inf - -inf = NaN
-            tokens[index] = (warped - noise.log()).argmax(dim=-1)
+        # (generator, state before its draw): a step that fails after drawing gives the draws back, so
+        # its requests draw the same noise when they run again (a host-side copy, no device sync)
+        drawn: list[tuple[torch.Generator, torch.Tensor]] = []
+        try:
+            if sampled:
+                for row, i in enumerate(sampled):
+                    generator = generators[i]
+                    if generator is None:
+                        generator = self._fallback_generator(device)
+                    drawn.append((generator, generator.get_state()))
+                    noise[row].exponential_(generator=generator)
+                noise.clamp_(min=torch.finfo(torch.float32).tiny)  # q == 0 would give -inf - -inf = NaN
+                tokens[index] = (warped - noise.log()).argmax(dim=-1)
 
-        chosen = logits.gather(1, tokens[:, None]).squeeze(1)
-        logprobs = chosen.float() - torch.logsumexp(logits.float(), dim=-1)
-        # one transfer for the whole step: .tolist() on a CUDA tensor synchronises once
-        return tokens.tolist(), logprobs.tolist()
+            chosen = logits.gather(1, tokens[:, None]).squeeze(1)
+            logprobs = chosen.float() - torch.logsumexp(logits.float(), dim=-1)
+            # one transfer for the whole step: .tolist() on a CUDA tensor synchronises once
+            return tokens.tolist(), logprobs.tolist()
+        except BaseException:
+            for generator, state in reversed(drawn):
+                generator.set_state(state)
+            raise

@@ -25,6 +25,14 @@ same engine; `model` is an adapter id or the base model's name (--served-model-n
 model directory's name). Adapter loading follows the RegisterAdapter rules above, with the admin token
 as 'Authorization: Bearer TOKEN'.
 
+batch invariance: with --dtype float32 on CPU a request's tokens (and seeded samples) do not depend on
+the other requests sharing its steps, for --quantization none, nf4, and int8 with --int8-threshold 0
+(the default). float16/bfloat16 change reduction order with the batch (near-ties can flip), and GPUs are
+not measured yet; GetServerInfo's batch_invariant says which holds.
+
+faults: a step that raises ends only the requests that cause it (the others keep their exact tokens);
+an adapter whose requests fail in two steps is quarantined (FAILED_PRECONDITION until re-registered).
+
 signals: SIGTERM or SIGINT turns health to NOT_SERVING, refuses new requests (UNAVAILABLE) and lets
 running ones (gRPC and HTTP) finish for up to --drain-grace seconds; a second signal stops at once. Exit status 0.
 """
@@ -69,6 +77,10 @@ def add_parser(subparsers) -> None:
     model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     model.add_argument("--device", help="cpu or cuda[:N] (default cuda when available)")
+    model.add_argument("--int8-threshold", type=float, default=0.0, metavar="T",
+                       help="LLM.int8 outlier threshold with --quantization int8 (default 0: pure vector-wise "
+                       "int8, each request's tokens independent of the batch; bitsandbytes' usual 6.0 runs input "
+                       "columns above T in ANY request of a step in 16 bits, so requests change each other's tokens)")
     model.add_argument("--kv-cache-tokens", type=int, metavar="N",
                        help="KV cache capacity in tokens (default: 90%% of free GPU memory; 32768 on CPU)")
     adapters = parser.add_argument_group("adapters")
@@ -123,7 +135,7 @@ def config_from_args(args: argparse.Namespace):
         check_adapter_dtype(args.adapter_dtype, dtype, device)  # refused before the model loads
         engine = EngineConfig(
             model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
-                              dtype=dtype, device=device),
+                              dtype=dtype, device=device, int8_threshold=args.int8_threshold),
             cache=CacheConfig(num_tokens=args.kv_cache_tokens),
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                                    max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 BASE_MODEL_LABEL = "_base"
 """The `adapter` label of base-model requests; no adapter id can start with '_'."""
-ADAPTER_STATES = ("registered", "host", "device")
+ADAPTER_STATES = ("registered", "host", "device", "quarantined")
 TIERS = ("host", "device")
 
 # Latencies from a 4 M-parameter model on a CPU (milliseconds) to a 70 B model behind a long queue.
@@ -161,7 +161,8 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
                                 value=snap.kv_cache_usage)
         adapters = GaugeMetricFamily("loraplex_adapters", "Registered adapters by where their weights are "
-                                     "(registered: disk only, host: host memory, device: a device slot)",
+                                     "(registered: disk only, host: host memory, device: a device slot; "
+                                     "quarantined: refused after repeated failures)",
                                      labels=["state"])
         for state in ADAPTER_STATES:
             adapters.add_metric([state], snap.adapters_by_state.get(state, 0))
@@ -185,3 +186,7 @@ class _SnapshotCollector(Collector):
         yield lora_info
         yield CounterMetricFamily("loraplex_preemptions", "Sequences preempted (KV blocks ran out; they are "
                                   "recomputed later)", value=snap.num_preemptions)
+        yield CounterMetricFamily("loraplex_step_failures", "Engine steps that raised and were rerun in parts "
+                                  "to end only the failing requests", value=snap.num_step_failures)
+        yield CounterMetricFamily("loraplex_adapter_quarantines", "Adapters quarantined after their requests "
+                                  "failed in engine steps repeatedly", value=snap.num_quarantines)

@@ -47,6 +47,7 @@ ADAPTER_STATES = {
     AdapterState.REGISTERED: pb.ADAPTER_STATE_REGISTERED,
     AdapterState.HOST: pb.ADAPTER_STATE_HOST,
     AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
+    AdapterState.QUARANTINED: pb.ADAPTER_STATE_QUARANTINED,
 }
 
 
@@ -216,6 +217,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             running_requests=snap.num_running,
             queued_requests=snap.num_waiting,
             max_queued_requests=config.max_queued_requests,
+            batch_invariant=model.batch_invariant,
+            int8_threshold=model.int8_threshold,
         )
 
     async def _outputs(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[str, RequestOutput]]:
@@ -409,4 +412,5 @@ def to_proto_adapter(info: AdapterInfo) -> pb.Adapter:
         state=ADAPTER_STATES.get(info.state, pb.ADAPTER_STATE_UNSPECIFIED),
         size_bytes=info.size_bytes,
         pinned=info.pinned,
+        quarantine_reason=info.quarantine_reason or "",
     )

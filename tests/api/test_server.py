@@ -108,6 +108,39 @@ def test_server_info_describes_the_model(server, demo_model_dir):
         str(demo_model_dir), "LlamaForCausalLM", "none", "float32", "cpu")
     assert (info.max_context_tokens, info.max_rank, info.max_device_adapters, info.kv_cache_tokens) == (2048, 16, 4, 1024)
     assert info.version
+    assert info.batch_invariant and info.int8_threshold == 0.0  # float32 on CPU
+
+
+def test_a_failing_adapter_fails_alone_then_is_quarantined(server, adapter_root):
+    engine = server.server.state.engine.engine
+    runner = engine.runner
+    execute = runner.execute
+
+    def faulty(inputs):
+        key = engine.store._current.get("flaky")
+        if key is not None and engine.store._entries[key].slot in {item.slot for item in inputs}:
+            raise RuntimeError("injected fault")
+        return execute(inputs)
+
+    runner.execute = faulty
+    try:
+        with Client(server.address, admin_token=None) as client:
+            client.register_adapter("flaky", "small")
+            for then in ("", "; it is now quarantined"):
+                with pytest.raises(clients.Internal, match=f"adapter 'flaky' failed in the engine step: "
+                                                           f"RuntimeError\\('injected fault'\\){then}"):
+                    client.generate(PROMPT, adapter="flaky", max_new_tokens=2)
+            assert client.generate(PROMPT, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+            with pytest.raises(clients.FailedPrecondition, match="adapter 'flaky' is quarantined"):
+                client.generate(PROMPT, adapter="flaky", max_new_tokens=2)
+            adapter = client.get_adapter("flaky")
+            assert adapter.state == "quarantined" and "injected fault" in adapter.quarantine_reason
+            text = fetch(server.server.metrics_url)
+            assert 'loraplex_adapters{state="quarantined"} 1.0' in text
+            assert "loraplex_adapter_quarantines_total 1.0" in text and "loraplex_step_failures_total 2.0" in text
+            client.unregister_adapter("flaky")
+    finally:
+        runner.execute = execute
 
 
 def test_without_adapter_root_the_api_reads_no_paths(demo_model_dir, adapter_root):
@@ -189,6 +222,7 @@ def test_serve_refuses_bad_flags_in_one_line(demo_model_dir, tmp_path, capsys):
         (["--adapter-root", str(tmp_path / "missing")], "is not a directory"),
         (["--quantization", "none", "--max-device-adapters", "4", "--max-host-adapters", "2"], "max_host_adapters"),
         (["--dtype", "bfloat16", "--adapter-dtype", "bfloat16"], "--adapter-dtype bfloat16 is for a float32 model on CPU"),
+        (["--int8-threshold", "-1"], "int8_threshold must be >= 0"),
     ):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err

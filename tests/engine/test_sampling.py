@@ -294,3 +294,23 @@ def test_from_proto_values_reads_zero_as_unset():
     assert params.seed == 0  # a set seed of 0 is a seed, not "unset"
     with pytest.raises(InvalidArgument, match="top_p"):
         SamplingParams.from_proto_values(top_p=-1.0)
+
+
+def test_a_sample_that_fails_after_drawing_gives_the_draws_back(monkeypatch):
+    """A failed step's requests run again (the engine isolates the failure): they must draw the same
+    noise then, as if the failed attempt never happened."""
+    logits = random_logits(3, seed=5)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    generators = [make_generator(s, "cpu") for s in (1, 2, 3)]
+    before = [g.get_state() for g in generators]
+    expected = Sampler().sample(logits, params, [make_generator(s, "cpu") for s in (1, 2, 3)], [[]] * 3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "logsumexp", broken)  # runs after every row has drawn its noise
+        with pytest.raises(RuntimeError, match="injected"):
+            Sampler().sample(logits, params, generators, [[]] * 3)
+    assert all(torch.equal(g.get_state(), state) for g, state in zip(generators, before))
+    assert Sampler().sample(logits, params, generators, [[]] * 3) == expected

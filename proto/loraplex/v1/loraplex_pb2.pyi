@@ -20,6 +20,7 @@ class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_STATE_REGISTERED: _ClassVar[AdapterState]
     ADAPTER_STATE_HOST: _ClassVar[AdapterState]
     ADAPTER_STATE_DEVICE: _ClassVar[AdapterState]
+    ADAPTER_STATE_QUARANTINED: _ClassVar[AdapterState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -28,6 +29,7 @@ ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_REGISTERED: AdapterState
 ADAPTER_STATE_HOST: AdapterState
 ADAPTER_STATE_DEVICE: AdapterState
+ADAPTER_STATE_QUARANTINED: AdapterState
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "sampling", "max_new_tokens", "stop", "ignore_eos", "return_logprobs")
@@ -100,7 +102,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "architecture", "quantization", "dtype", "device", "max_context_tokens", "max_rank", "max_device_adapters", "max_host_adapters", "version", "kv_cache_tokens", "kv_cache_usage", "running_requests", "queued_requests", "max_queued_requests")
+    __slots__ = ("model", "architecture", "quantization", "dtype", "device", "max_context_tokens", "max_rank", "max_device_adapters", "max_host_adapters", "version", "kv_cache_tokens", "kv_cache_usage", "running_requests", "queued_requests", "max_queued_requests", "batch_invariant", "int8_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,8 @@ class ServerInfo(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    INT8_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     quantization: str
@@ -131,7 +135,9 @@ class ServerInfo(_message.Message):
     running_requests: int
     queued_requests: int
     max_queued_requests: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    batch_invariant: bool
+    int8_threshold: float
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., int8_threshold: _Optional[float] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "source", "pin", "preload")
@@ -172,7 +178,7 @@ class GetAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "source", "peft_type", "max_rank", "target_modules", "num_virtual_tokens", "state", "size_bytes", "pinned")
+    __slots__ = ("adapter_id", "source", "peft_type", "max_rank", "target_modules", "num_virtual_tokens", "state", "size_bytes", "pinned", "quarantine_reason")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,7 @@ class Adapter(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     source: str
     peft_type: str
@@ -191,4 +198,5 @@ class Adapter(_message.Message):
     state: AdapterState
     size_bytes: int
     pinned: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., peft_type: _Optional[str] = ..., max_rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., size_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    quarantine_reason: str
+    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., peft_type: _Optional[str] = ..., max_rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., size_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., quarantine_reason: _Optional[str] = ...) -> None: ...
