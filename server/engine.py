@@ -369,17 +369,20 @@ class LLMEngine:
                 continue
             adapter_id = bad[0].extra.request.adapter_id
             whole_adapter = key is not None and len(bad) == len(group)
-            quarantined = whole_adapter and self.store.record_failure(key, repr(failed[bad[0].seq_id]))
+            # The client learns which adapter failed and an error id; the traceback goes to the log only.
+            error_ids = {seq.seq_id: report_internal_error(f"the engine step of request {seq.request_id}",
+                                                           failed[seq.seq_id]) for seq in bad}
+            quarantined = whole_adapter and self.store.record_failure(key, f"error id {error_ids[bad[0].seq_id]}")
             for seq in bad:
-                cause = repr(failed[seq.seq_id])
                 if whole_adapter:
                     then = "; it is now quarantined" if quarantined else ""
-                    message = f"adapter {adapter_id!r} failed in the engine step: {cause}{then}"
+                    message = f"adapter {adapter_id!r} failed in the engine step{then}"
                 else:
                     what = f"adapter {adapter_id!r}" if adapter_id else "the base model"
-                    message = f"this request ({what}) failed in the engine step: {cause}"
+                    message = f"this request ({what}) failed in the engine step"
+                message += f"; other requests were not affected; {internal_error_message(error_ids[seq.seq_id])}"
                 log.error("ending request %s: %s", seq.request_id, message)
-                self._fail(seq, EngineError(message + "; other requests were not affected"))
+                self._fail(seq, EngineError(message))
         return sampled, logprobs
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:

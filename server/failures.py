@@ -12,10 +12,11 @@ import uuid
 log = logging.getLogger(__name__)
 
 
-def report_internal_error(where: str) -> str:
-    """Log the exception being handled, with its traceback, under a new error id; return the id."""
+def report_internal_error(where: str, error: BaseException | None = None) -> str:
+    """Log `error` (default: the exception being handled), with its traceback, under a new error id;
+    return the id."""
     error_id = uuid.uuid4().hex[:16]
-    log.error("internal error %s in %s", error_id, where, exc_info=True)
+    log.error("internal error %s in %s", error_id, where, exc_info=error if error is not None else True)
     return error_id
 
 

@@ -127,14 +127,14 @@ def test_a_failing_adapter_fails_alone_then_is_quarantined(server, adapter_root)
         with Client(server.address, admin_token=None) as client:
             client.register_adapter("flaky", "small")
             for then in ("", "; it is now quarantined"):
-                with pytest.raises(clients.Internal, match=f"adapter 'flaky' failed in the engine step: "
-                                                           f"RuntimeError\\('injected fault'\\){then}"):
+                with pytest.raises(clients.Internal, match=f"adapter 'flaky' failed in the engine step{then}; "
+                                                           "other requests were not affected; .*error id"):
                     client.generate(PROMPT, adapter="flaky", max_new_tokens=2)
             assert client.generate(PROMPT, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
             with pytest.raises(clients.FailedPrecondition, match="adapter 'flaky' is quarantined"):
                 client.generate(PROMPT, adapter="flaky", max_new_tokens=2)
             adapter = client.get_adapter("flaky")
-            assert adapter.state == "quarantined" and "injected fault" in adapter.quarantine_reason
+            assert adapter.state == "quarantined" and "error id" in adapter.quarantine_reason
             text = fetch(server.server.metrics_url)
             assert 'loraplex_adapters{state="quarantined"} 1.0' in text
             assert "loraplex_adapter_quarantines_total 1.0" in text and "loraplex_step_failures_total 2.0" in text

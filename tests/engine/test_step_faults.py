@@ -3,6 +3,9 @@ and into one request, in mixed batches, leave every other request with the token
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 
 from loraplex.server.adapter_store import AdapterState
@@ -72,7 +75,19 @@ def _fault_in_layer(engine, adapter_id, after_steps):
     return lambda: setattr(module, "forward", forward)
 
 
-def test_a_failing_adapter_ends_only_its_requests_and_is_quarantined(engine, adapters):
+ERROR_ID = re.compile(r"error id ([0-9a-f]{16})")
+
+
+def _logged_cause(caplog, message: str) -> str:
+    """The exception logged under the error id that `message` quotes (the client sees only the id)."""
+    error_id = ERROR_ID.search(message).group(1)
+    records = [r for r in caplog.records if error_id in r.getMessage() and r.exc_info]
+    assert records, message
+    return repr(records[0].exc_info[1])
+
+
+def test_a_failing_adapter_ends_only_its_requests_and_is_quarantined(engine, adapters, caplog):
+    caplog.set_level(logging.ERROR)
     restore = _fault_in_layer(engine, "bad", after_steps=3)
     clean = _clean_run(engine)  # without the failing adapter: the reference
     assert engine.num_step_failures == 0
@@ -85,7 +100,8 @@ def test_a_failing_adapter_ends_only_its_requests_and_is_quarantined(engine, ada
         final = collected.final
         assert final.finish_reason == "error" and final.error.code == "INTERNAL"
         assert "adapter 'bad' failed in the engine step" in str(final.error)
-        assert "injected fault" in str(final.error) and "quarantined" not in str(final.error)
+        assert "injected fault" not in str(final.error) and "quarantined" not in str(final.error)
+        assert "injected fault" in _logged_cause(caplog, str(final.error))
         assert collected.token_ids  # it failed mid-generation, after producing tokens
     assert engine.num_step_failures >= 1
     assert engine.get_adapter("bad").state is not AdapterState.QUARANTINED  # one failure may be a bad request
@@ -94,7 +110,8 @@ def test_a_failing_adapter_ends_only_its_requests_and_is_quarantined(engine, ada
     run_until_done(engine)
     assert "it is now quarantined" in str(again.final.error)
     info = engine.get_adapter("bad")
-    assert info.state is AdapterState.QUARANTINED and "injected fault" in info.quarantine_reason
+    assert info.state is AdapterState.QUARANTINED and ERROR_ID.search(info.quarantine_reason)
+    assert "injected fault" in _logged_cause(caplog, info.quarantine_reason)
     assert [a.state for a in engine.list_adapters() if a.adapter_id == "bad"] == [AdapterState.QUARANTINED]
     assert engine.snapshot().adapters_by_state["quarantined"] == 1
     with pytest.raises(FailedPrecondition, match="adapter 'bad' is quarantined.*register it again"):
@@ -110,7 +127,8 @@ def test_a_failing_adapter_ends_only_its_requests_and_is_quarantined(engine, ada
     assert served.final.error is None and len(served.token_ids) == 4
 
 
-def test_a_failing_request_ends_alone_and_its_adapter_is_not_blamed(engine):
+def test_a_failing_request_ends_alone_and_its_adapter_is_not_blamed(engine, caplog):
+    caplog.set_level(logging.ERROR)
     embed = engine.runner.model.model.embed_tokens
     forward = embed.forward
 
@@ -127,7 +145,8 @@ def test_a_failing_request_ends_alone_and_its_adapter_is_not_blamed(engine):
     assert _tokens(survivors) == clean
     error = poisoned.final.error
     assert poisoned.final.finish_reason == "error" and poisoned.token_ids == []
-    assert "this request (adapter 'good1') failed in the engine step" in str(error) and "injected" in str(error)
+    assert "this request (adapter 'good1') failed in the engine step" in str(error)
+    assert "injected" in _logged_cause(caplog, str(error))
     key = engine.store._current["good1"]
     assert engine.store._entries[key].failures == 0  # other good1 requests ran: the request was the cause
     assert engine.block_manager.num_free_blocks == engine.initial_free_blocks
