@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from loraplex.server.block_manager import BlockAllocationError, BlockManager
+from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
 from loraplex.server.errors import InvalidArgument, ResourceExhausted
-from loraplex.server.scheduler import Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence, SequenceStatus
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 VOCAB = 997
 
@@ -654,7 +654,7 @@ def test_block_manager_errors_surface_through_the_scheduler_bookkeeping():
 
 def test_scheduling_modules_do_not_import_torch():
     code = (
-        "import sys; import loraplex.server.scheduler, loraplex.server.block_manager, loraplex.server.sequence; "
+        "import sys; import loraplex.server.engine.scheduler, loraplex.server.engine.block_manager, loraplex.server.engine.sequence; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

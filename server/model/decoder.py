@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels import native
-from loraplex.server import attention
+from loraplex.server.model import attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 """Model classes whose decoder layers are the standard pre-norm Llama layer (checked again per module)."""

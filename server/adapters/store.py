@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
+from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
 from loraplex.server.errors import (AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound,
                                     PermissionDenied, Unavailable)

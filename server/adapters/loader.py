@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from loraplex.kernels import devices
-from loraplex.server.adapter_validation import parse_config, validate_adapter
+from loraplex.server.adapters.validation import parse_config, validate_adapter
 from loraplex.server.errors import FailedPrecondition, NotFound
 
 CONFIG_FILE = "adapter_config.json"

@@ -17,13 +17,13 @@ import torch
 
 from loraplex.kernels import devices
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.server import attention
-from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
+from loraplex.server.model import attention
+from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
-from loraplex.server.decoder import DecoderForward
+from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.errors import UserError
-from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
-from loraplex.server.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
+from loraplex.server.adapters.lora import LoRAStepContext, linear_features, wrap_model
+from loraplex.server.model.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class ModelRunner:
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
                                      self.lora_context, adapter_dtype=self.adapter_dtype)
         self.decoder = DecoderForward.create(self.model)
-        """The lean forward for Llama-shaped models (server/decoder.py); None: the transformers forward."""
+        """The lean forward for Llama-shaped models (server/model/decoder.py); None: the transformers forward."""
         self.base_spec = BaseModelSpec(
             targets={path: linear_features(module.base) for path, module in self.lora_table.items()},
             hidden_size=hf.hidden_size,

@@ -28,16 +28,16 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from loraplex.server.adapter_store import AdapterInfo, AdapterStore
-from loraplex.server.block_manager import BlockManager
+from loraplex.server.adapters.store import AdapterInfo, AdapterStore
+from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.config import EngineConfig
-from loraplex.server.detokenizer import IncrementalDetokenizer, StopChecker
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
-from loraplex.server.model_runner import ModelRunner, StepInput
-from loraplex.server.sampling import Sampler, SamplingParams, make_generator
-from loraplex.server.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence, SharedPrefix
+from loraplex.server.model.runner import ModelRunner, StepInput
+from loraplex.server.model.sampling import Sampler, SamplingParams, make_generator
+from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence, SharedPrefix
 
 log = logging.getLogger(__name__)
 

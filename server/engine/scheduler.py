@@ -42,9 +42,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from loraplex.server.block_manager import BlockManager
+from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted
-from loraplex.server.sequence import Sequence, SequenceStatus
+from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 _BLOCKS = "blocks"
 _ADAPTERS = "adapter slots"
