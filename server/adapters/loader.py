@@ -1,6 +1,6 @@
 """Read a PEFT adapter directory, check that it fits the served base model, convert it for serving.
 
-Every type is converted at load to what the server applies per token (DESIGN.md "Adapter types"):
+Every type is converted at load to what the server applies per token:
 
 | peft_type               | on disk                                   | served as                                  |
 | LORA (QLoRA, rsLoRA)    | lora_A [r, in], lora_B [out, r]           | A, B, scaling alpha/r (alpha/sqrt(r))      |
