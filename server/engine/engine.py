@@ -139,7 +139,6 @@ class LLMEngine:
         self._lock = threading.Lock()  # guards _sequences and _prefixes for add/abort from other threads
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
-        self.num_preemptions = 0
         self.num_step_failures = 0
 
     def _eos_ids(self) -> set[int]:
@@ -187,7 +186,7 @@ class LLMEngine:
             state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
                                   StopChecker(params.stop), generator, max_new_tokens, adapter_key, kind, num_virtual)
             seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens,
-                           adapter_id=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
+                           adapter_key=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
             with self._lock:
                 if request.request_id in self._sequences:
                     raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
@@ -249,7 +248,7 @@ class LLMEngine:
             adapter_loads=dict(self.store.loads),
             adapter_evictions=dict(self.store.evictions),
             num_steps=self.num_steps,
-            num_preemptions=self.num_preemptions,
+            num_preemptions=self.scheduler.num_preemptions,
             running_adapters=_adapter_ids(running),
             waiting_adapters=_adapter_ids(waiting),
             num_step_failures=self.num_step_failures,
@@ -273,12 +272,11 @@ class LLMEngine:
             # requests are queued: KV blocks may be short, so no idle adapter keeps its prefix cached
             self._release_idle_prefixes(keep_cached=False)
         out = self.scheduler.schedule(self._adapter_ready)
-        self.num_preemptions += len(out.preempted)
         if not out.scheduled:
             self._release_idle_prefixes()
             return None
-        running_keys = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-        running_keys |= {s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}
+        running_keys = {s.adapter_key for s in self.scheduler.running if s.adapter_key is not None}
+        running_keys |= {s.seq.adapter_key for s in out.scheduled if s.seq.adapter_key is not None}
         try:
             sampled, logprobs = self._run(out.scheduled, running_keys)
         except Exception as error:
@@ -296,7 +294,7 @@ class LLMEngine:
         stats = StepStats(
             num_tokens=sum(s.num_new_tokens for s in out.scheduled),
             num_sequences=len(out.scheduled),
-            num_adapters=len({s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}),
+            num_adapters=len({s.seq.adapter_key for s in out.scheduled if s.seq.adapter_key is not None}),
             seconds=time.perf_counter() - started,
         )
         self.num_steps += 1
@@ -311,7 +309,7 @@ class LLMEngine:
         keys: adapters that get (or keep) a device slot, at least those of `items`.
         """
         slots = self.store.assign_slots(keys)
-        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_id, -1), s.samples)
+        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_key, -1), s.samples)
                   for s in items]
         logits = self.runner.execute(inputs)
         sampling = [s.seq for s in items if s.samples]
@@ -342,7 +340,7 @@ class LLMEngine:
                     len(items), error)
         groups: dict[str | None, list[ScheduledSequence]] = defaultdict(list)
         for item in items:
-            groups[item.seq.adapter_id].append(item)
+            groups[item.seq.adapter_key].append(item)
         failed: dict[int, Exception] = {}
         if len(items) == 1:
             failed[items[0].seq.seq_id] = error
@@ -354,7 +352,7 @@ class LLMEngine:
         while pending:
             part = pending.pop()
             try:
-                part_sampled, part_logprobs = self._run(part, {s.seq.adapter_id for s in part} - {None})
+                part_sampled, part_logprobs = self._run(part, {s.seq.adapter_key for s in part} - {None})
             except Exception as part_error:
                 if len(part) == 1:
                     failed[part[0].seq.seq_id] = part_error
@@ -423,7 +421,7 @@ class LLMEngine:
         that does not fit): then every idle adapter's blocks go back to the pool.
         """
         with self._lock:
-            live = {seq.adapter_id for seq in self._sequences.values()}
+            live = {seq.adapter_key for seq in self._sequences.values()}
             for key, prefix in list(self._prefixes.items()):
                 if key in live:
                     continue
@@ -445,7 +443,7 @@ class LLMEngine:
 
     def _fail_broken_adapters(self) -> None:
         for seq in list(self._sequences.values()):
-            key = seq.adapter_id
+            key = seq.adapter_key
             error = self.store.failure(key) if key is not None and not seq.is_finished else None
             if error is not None:
                 self._fail(seq, error)
