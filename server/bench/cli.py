@@ -33,7 +33,7 @@ from loraplex.server.bench.workload import ALL_PROJECTIONS, POPULARITY_LAWS, Mod
 from loraplex.server.config import check_adapter_dtype
 from loraplex.server.errors import UserError
 
-# Targets of the CPU workload (the defaults): issue 7.
+# Targets of the CPU workload (the defaults), as ratios between the systems' throughputs.
 TARGETS = {"mixed_over_base": 0.8, "mixed_over_peft": 4.0, "base_over_hf": 1.0}
 SYSTEM_LABELS = {
     "mixed": "(a) loraplex, mixed adapters",
