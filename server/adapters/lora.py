@@ -44,6 +44,7 @@ from torch import nn
 from loraplex.kernels import native
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.ops import apply_backend, lora_apply
+from loraplex.server.adapters.kind import AdapterKind
 
 # oneDNN lays a packed weight out for GEMMs of about this many rows (a decode step's batch); any row
 # count works.
@@ -84,12 +85,12 @@ class LoRAStepContext:
     native_step: tuple | None = None
     """This step's layout as the C kernel takes it (`native.meta_args`), set by the first C call."""
 
-    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[str] = frozenset()) -> None:
+    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[AdapterKind] = frozenset()) -> None:
         self.meta = meta
         self.rows = rows
-        self.has_lora = bool(kinds & {"lora", "dora"})
-        self.has_dora = "dora" in kinds
-        self.has_ia3 = "ia3" in kinds
+        self.has_lora = bool(kinds & {AdapterKind.LORA, AdapterKind.DORA})
+        self.has_dora = AdapterKind.DORA in kinds
+        self.has_ia3 = AdapterKind.IA3 in kinds
         self.cache.clear()
         self.backends.clear()
         self.native_step = None

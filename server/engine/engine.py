@@ -28,6 +28,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.store import AdapterInfo, AdapterStore
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.config import EngineConfig
@@ -112,8 +113,8 @@ class _RequestState:
     generator: torch.Generator | None
     max_new_tokens: int
     adapter_key: str | None
-    kind: str
-    """"base" or the adapter's AdapterWeights.kind."""
+    kind: AdapterKind | None
+    """None for the base model."""
     num_virtual: int
     """The adapter's virtual tokens (prompt or prefix tuning), before padding."""
 
@@ -165,7 +166,7 @@ class LLMEngine:
         prompt_ids = self._prompt_ids(request)
         adapter_key = self.store.acquire(request.adapter_id) if request.adapter_id else None
         try:
-            kind, num_virtual = self.store.kind(adapter_key) if adapter_key else ("base", 0)
+            kind, num_virtual = self.store.kind(adapter_key) if adapter_key else (None, 0)
             max_len = self.scheduler.config.max_model_len
             if len(prompt_ids) + num_virtual >= max_len:
                 virtual = f" (+ {num_virtual} virtual tokens of the adapter)" if num_virtual else ""
@@ -176,7 +177,7 @@ class LLMEngine:
             max_new_tokens = min(params.max_new_tokens, max_len - len(prompt_ids) - num_virtual)
             # prefix-tuning entries fill whole blocks, shared by every sequence of the adapter
             kv_virtual = self.block_manager.blocks_for(num_virtual) * self.block_manager.block_size \
-                if kind == "prefix" else num_virtual
+                if kind is AdapterKind.PREFIX else num_virtual
             problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens, kv_virtual)
             if problem is not None:
                 raise problem
@@ -190,7 +191,7 @@ class LLMEngine:
             with self._lock:
                 if request.request_id in self._sequences:
                     raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
-                if kind == "prefix":
+                if kind is AdapterKind.PREFIX:
                     seq.shared_prefix = self._prefixes.setdefault(adapter_key, SharedPrefix(kv_virtual))
                 self._sequences[request.request_id] = seq
         except BaseException:
@@ -388,9 +389,9 @@ class LLMEngine:
         state: _RequestState = seq.extra
         start = seq.num_computed_tokens
         virtual = skip = None
-        if state.kind == "prompt" and start < state.num_virtual:
+        if state.kind is AdapterKind.PROMPT and start < state.num_virtual:
             virtual = self.runner.slot_prompts[slot][start : min(start + n, state.num_virtual)]
-        elif state.kind == "prefix" and seq.num_virtual_tokens > state.num_virtual:
+        elif state.kind is AdapterKind.PREFIX and seq.num_virtual_tokens > state.num_virtual:
             skip = (state.num_virtual, seq.num_virtual_tokens)
         return StepInput(token_ids=seq.token_ids_at(start, start + n), start=start, block_table=seq.block_table,
                          slot=slot, samples=samples, virtual_embeddings=virtual, skip=skip)

@@ -18,6 +18,7 @@ import torch
 from loraplex.kernels import devices
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.model import attention
+from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
 from loraplex.server.model.decoder import DecoderForward
@@ -120,7 +121,7 @@ class ModelRunner:
             base_weight=self._base_weight,
             bias=lambda path: getattr(self.lora_table[path].base, "bias", None),
         )
-        self.slot_kinds: list[str | None] = [None] * self.num_slots
+        self.slot_kinds: list[AdapterKind | None] = [None] * self.num_slots
         self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
 
         block_size = config.cache.block_size
@@ -323,10 +324,10 @@ class ModelRunner:
 
     def _begin_adapters(self, token_slots: list[int]) -> None:
         kinds = {self.slot_kinds[slot] for slot in set(token_slots) if slot >= 0} - {None}
-        if not kinds & {"lora", "dora", "ia3"}:
+        if not kinds & {AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3}:
             self.lora_context.begin(None)
             return
         rows = None  # per-token vector rows: only DoRA and IA3 read them
-        if kinds & {"dora", "ia3"}:
+        if kinds & {AdapterKind.DORA, AdapterKind.IA3}:
             rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
         self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)
