@@ -7,7 +7,7 @@
 
 import sys
 
-from loraplex.server.bench import main
+from loraplex.server.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

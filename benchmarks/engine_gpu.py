@@ -31,9 +31,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from loraplex.server.bench import BenchConfig, bench_local
-from loraplex.server.bench_report import render
-from loraplex.server.bench_workload import ModelShape
+from loraplex.server.bench.cli import BenchConfig, bench_local
+from loraplex.server.bench.report import render
+from loraplex.server.bench.workload import ModelShape
 
 GPU = BenchConfig(
     shape=ModelShape(hidden_size=2048, num_layers=22, intermediate_size=5632, num_heads=32, num_kv_heads=4,

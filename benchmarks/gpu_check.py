@@ -138,7 +138,7 @@ def build_model(ctx: Context, hidden: int, layers: int, intermediate: int) -> Pa
     (a freshly initialised model's greedy choices would nearly all be near-ties)."""
     from safetensors.torch import load_file, save_file
 
-    from loraplex.server.bench_workload import ModelShape, build_model as build
+    from loraplex.server.bench.workload import ModelShape, build_model as build
 
     out = ctx.work / f"model-{hidden}x{layers}"
     if (out / "config.json").is_file():
@@ -207,7 +207,7 @@ def build_adapters(ctx: Context, model_dir: Path, kinds: tuple[str, ...] = ADAPT
 def make_engine(ctx: Context, model_dir: Path, quantization: str = "none", slots: int = 8, max_rank: int = 16,
                 kv_tokens: int = 8192):
     from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-    from loraplex.server.engine import LLMEngine
+    from loraplex.server.engine.engine import LLMEngine
 
     config = EngineConfig(
         model=ModelConfig(path=model_dir, quantization=quantization, dtype=ctx.dtype, device=str(ctx.device)),
@@ -231,8 +231,8 @@ def release(engine) -> None:
 def generate(engine, requests: dict[str, tuple[list[int], str | None]], new_tokens: int,
              on_step=None) -> dict[str, tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs for each request id, all submitted at once."""
-    from loraplex.server.engine import GenerationRequest
-    from loraplex.server.sampling import SamplingParams
+    from loraplex.server.engine.engine import GenerationRequest
+    from loraplex.server.model.sampling import SamplingParams
 
     outputs: dict[str, list] = {rid: [] for rid in requests}
     for rid, (prompt, adapter) in requests.items():
@@ -262,7 +262,7 @@ def load_peft(ctx: Context, model_dir: Path, adapter: Path | None, quantization:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+    from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 
     dtype = getattr(torch, ctx.dtype)
     kwargs: dict = {"dtype": dtype}
@@ -382,7 +382,7 @@ def copy_bandwidth(ctx: Context) -> float:
 
 
 def section_decode(ctx: Context) -> dict:
-    from loraplex.server.bench_workload import ALL_PROJECTIONS, build_adapters as build_loras
+    from loraplex.server.bench.workload import ALL_PROJECTIONS, build_adapters as build_loras
 
     s = ctx.sizes
     model_dir = build_model(ctx, s.decode_hidden, s.decode_layers, s.decode_intermediate)
@@ -440,8 +440,8 @@ def profile_step(ctx: Context, engine, requests) -> dict:
     """Kernel launches and GPU-busy fraction of one decode step of the same batch."""
     from torch.profiler import ProfilerActivity, profile
 
-    from loraplex.server.engine import GenerationRequest
-    from loraplex.server.sampling import SamplingParams
+    from loraplex.server.engine.engine import GenerationRequest
+    from loraplex.server.model.sampling import SamplingParams
 
     for rid, (prompt, adapter) in requests.items():
         engine.add_request(GenerationRequest(f"p-{rid}", prompt_token_ids=tuple(prompt), adapter_id=adapter,
@@ -471,13 +471,13 @@ def profile_step(ctx: Context, engine, requests) -> dict:
 
 # ----------------------------------------------------------------------------- 5. load
 def section_load(ctx: Context) -> dict:
-    from loraplex.server.adapter_loader import load_adapter
+    from loraplex.server.adapters.loader import load_adapter
 
     s = ctx.sizes
     model_dir = build_model(ctx, s.decode_hidden, s.decode_layers, s.decode_intermediate)
     root = ctx.work / "decode-adapters"
     if not root.is_dir():
-        from loraplex.server.bench_workload import ALL_PROJECTIONS, build_adapters as build_loras
+        from loraplex.server.bench.workload import ALL_PROJECTIONS, build_adapters as build_loras
 
         build_loras(model_dir, root, [16], ALL_PROJECTIONS, save_dtype=ctx.dtype)
     engine = make_engine(ctx, model_dir, slots=2, kv_tokens=256)

@@ -379,7 +379,7 @@ static inline float exp_nonpositive(float x)
 
 /* silu(g) * u with e = e^-|g| in (0, 1]: g / (1 + e) for g >= 0, g·e / (1 + e) below (the same value).
  * Nothing overflows and no intermediate is subnormal (a subnormal result of g / (1 + e^88), computed
- * for every vector lane, made the loop 9x slower through microcode assists). */
+ * for every vector lane, would slow the loop down through microcode assists). */
 int loraplex_silu_mul_f32(const float *g, int64_t ldg, const float *u, int64_t ldu, float *out, int64_t ldo,
                           int64_t rows, int64_t cols, int num_threads)
 {

@@ -3,11 +3,11 @@
 - `lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of
   a projection group in one call, per segment, without torch's per-matmul costs;
 - `linear` is the float32 base projections' GEMM on weights packed by `pack_weight` (panels of 16
-  output columns), used by the fused groups of server/lora.py;
+  output columns), used by the fused groups of server/adapters/lora.py;
 - `decode_attention` attends one query per sequence straight from the paged KV cache
-  (server/attention.py);
+  (server/model/attention.py);
 - `add_rms_norm`, `rope_store` and `silu_mul` are the element-wise steps of a Llama-shaped decoder
-  layer (server/decoder.py), one call each instead of several torch operations.
+  layer (server/model/decoder.py), one call each instead of several torch operations.
 
 See the C file for the loops and docs/benchmarks.md for the measurements.
 

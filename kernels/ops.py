@@ -42,9 +42,8 @@ from .meta import LoRAMeta
 BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
 BACKENDS = ("triton", "native", "torch", "reference")
 # Longest segment (tokens of one adapter in a step) that the unforced CPU float32 lora_apply gives to
-# the C kernel; longer ones go to torch's matmul. Measured on the 2-core VM (docs/benchmarks.md), the
-# C kernel was as fast or faster up to 128-token segments (32 groups, 16 adapters: 16-token step
-# 4.2-6.8 vs 10-11 ms; 32-token segments 38 vs 48 ms; 128-token segments 129 vs 137 ms).
+# the C kernel; longer ones go to torch's matmul, which is the better GEMM from there on
+# (docs/benchmarks.md has the numbers).
 NATIVE_MAX_SEGMENT = 128
 
 

@@ -8,10 +8,9 @@ Same semantics and argument checks as the Triton launchers (see ``ops``). Two st
 - ``gather``: gathers every token's weights (``A[:, slot_t]``, ``B_t[slot_t]``), zeroes the gathered
   rank padding and runs one batched matmul per slice.
 
-``STRATEGY`` picks one. Measured with benchmarks/lora_torch_cpu.py on the 2-core dev VM (table in
-docs/benchmarks.md): the segment loop wins at every size tried, from 1.25x at 16 tokens over 16
-adapters (1-token segments, its weak spot: ~20 µs per segment and slice) to ~200x at 2048-token
-prefill, where gather copies every token's weights.
+``STRATEGY`` picks one. The segment loop wins at every size benchmarks/lora_torch_cpu.py tries
+(docs/benchmarks.md): gather copies every token's weights, and the loop's weak spot, many 1-token
+segments (one matmul call each), is covered by the batching below.
 
 The segment strategy covers its weak spot by batching, always at each adapter's own rank:
 
@@ -22,9 +21,9 @@ The segment strategy covers its weak spot by batching, always at each adapter's 
   next to another's) run as one ``bmm`` per slice per length, their weights gathered
   (``index_select``) when their slots are not consecutive.
 
-Measured on the 2-core VM (``loraplex bench``): running a range of slots through their gaps (reading
-unused slots' weights and dropping the rows) gained nothing with 16 slots and lost 15-20 % with
-1,000 slots, so runs stop at the first gap.
+Runs stop at the first gap: running a range of slots through their gaps would read unused slots'
+weights and drop the rows, which grows with the number of slots and gains nothing
+(``loraplex bench``, docs/benchmarks.md).
 
 A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per slice instead of
 16 matmuls each. The grouping is computed once per (step layout, ranks, scalings) and cached on the
@@ -46,7 +45,7 @@ STRATEGY = "segment"
 # sequence, a few per popular adapter).
 PAD_MAX_LEN = 8
 # Longer segments up to this long are batched with others of the same length and ranks (prefill
-# chunks); a longer one runs alone, its matmul's ~20 µs call cost amortized.
+# chunks); a longer one runs alone, its matmul's fixed call cost amortized.
 BATCH_MAX_LEN = 512
 
 

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from loraplex.server import quantization  # noqa: F401  (quiets a bitsandbytes import-time warning)
+from loraplex.server.model import quantization  # noqa: F401  (quiets a bitsandbytes import-time warning)
 
 try:
     __version__ = version("loraplex")

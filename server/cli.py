@@ -11,10 +11,11 @@ import argparse
 import sys
 
 from loraplex.clients import cli as client_cli
-from loraplex.server import __version__, bench
-from loraplex.server import demo_model
+from loraplex.server import __version__
 from loraplex.server.api import cli as serve_cli
-from loraplex.server.api import demo
+from loraplex.server.bench import cli as bench
+from loraplex.server.demo import cli as demo
+from loraplex.server.demo import model as demo_model
 from loraplex.server.errors import UserError
 from loraplex.server.train import cli as train_cli
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from loraplex.kernels import devices
-from loraplex.server.quantization import INT8_THRESHOLD
-from loraplex.server.scheduler import SchedulerConfig
+from loraplex.server.model.quantization import INT8_THRESHOLD
+from loraplex.server.engine.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = ("float32", "float16", "bfloat16")

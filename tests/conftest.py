@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.server.demo_model import build_demo_model
+from loraplex.server.demo.model import build_demo_model
 
 
 def _quiet(*_args, **_kwargs) -> None:

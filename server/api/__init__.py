@@ -1,2 +1,2 @@
-"""The gRPC front of the engine: servicer (proto <-> engine, status codes), server (build, run, drain on
-signals), metrics (Prometheus), and the `serve` and `demo` subcommands."""
+"""The network front of the engine: gRPC servicer (proto <-> engine, status codes), the OpenAI-compatible
+HTTP API, server (build, run, drain on signals), metrics (Prometheus), and the `serve` subcommand."""

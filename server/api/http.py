@@ -37,13 +37,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server.api import openai_protocol as oa
 from loraplex.server.api.servicer import Call, ServerState, accepting_engine, admit
-from loraplex.server.engine import GenerationRequest, RequestOutput
+from loraplex.server.engine.engine import GenerationRequest, RequestOutput
 from loraplex.server.errors import EngineError, InvalidArgument, NotFound, PermissionDenied
 from loraplex.server.errors import UserError
 from loraplex.server.failures import internal_error_message, report_internal_error
 
 if TYPE_CHECKING:
-    from loraplex.server.engine import AsyncEngine
+    from loraplex.server.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from loraplex.server.engine import AsyncEngine, RequestOutput, StepStats
+    from loraplex.server.engine.engine import AsyncEngine, RequestOutput, StepStats
 
 BASE_MODEL_LABEL = "_base"
 """The `adapter` label of base-model requests; no adapter id can start with '_'."""

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from loraplex.server.engine import RequestOutput
+from loraplex.server.engine.engine import RequestOutput
 from loraplex.server.errors import InvalidArgument
-from loraplex.server.sampling import SamplingParams
+from loraplex.server.model.sampling import SamplingParams
 
 MAX_PROMPTS = 64
 """Prompts in one completions request (each is a request in the engine, within --max-queued-requests)."""

@@ -122,7 +122,7 @@ class LoraplexServer:
 
     async def load(self) -> None:
         """Load the model, register the --adapter adapters, warm up, then report SERVING."""
-        from loraplex.server.engine import AsyncEngine
+        from loraplex.server.engine.engine import AsyncEngine
 
         started = time.perf_counter()
         engine = await asyncio.to_thread(AsyncEngine, self.config.engine)
@@ -144,8 +144,8 @@ class LoraplexServer:
 
     async def _warm_up(self, engine) -> None:
         """A real generation through the base model and each --adapter adapter, all in one batch."""
-        from loraplex.server.engine import GenerationRequest
-        from loraplex.server.sampling import SamplingParams
+        from loraplex.server.engine.engine import GenerationRequest
+        from loraplex.server.model.sampling import SamplingParams
 
         async def base() -> None:
             request = GenerationRequest(f"warmup-{uuid.uuid4().hex}", prompt=WARMUP_PROMPT,

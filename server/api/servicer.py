@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, AsyncIterator, NoReturn
 import grpc
 
 from loraplex.server import __version__
-from loraplex.server.adapter_store import AdapterInfo, AdapterState
+from loraplex.server.adapters.store import AdapterInfo, AdapterState
 from loraplex.server.api.config import ServerConfig
 from loraplex.server.api.metrics import Metrics, RequestTracker
-from loraplex.server.engine import GenerationRequest, RequestOutput
+from loraplex.server.engine.engine import GenerationRequest, RequestOutput
 from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
-from loraplex.server.sampling import SamplingParams
+from loraplex.server.model.sampling import SamplingParams
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from loraplex.server.engine import AsyncEngine
+    from loraplex.server.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.server.errors import UserError
-from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 from loraplex.server.train import data, methods
 from loraplex.server.train.config import TrainConfig
 from loraplex.server.train.progress import Progress

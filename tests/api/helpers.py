@@ -52,7 +52,7 @@ class ServerThread:
 
 def scrape(url: str) -> dict[str, float]:
     """Prometheus samples by `name{label=value,...}` (labels sorted), as the demo reads them."""
-    from loraplex.server.api.demo import scrape as demo_scrape
+    from loraplex.server.demo.cli import scrape as demo_scrape
 
     return demo_scrape(url)
 

@@ -64,7 +64,7 @@ def test_scale_bench_swaps_adapters_through_few_slots(tmp_path):
 
 def test_grpc_bench_drives_a_running_server(tmp_path, demo_model_dir):
     from loraplex.server.api.config import ServerConfig
-    from loraplex.server.bench_workload import ALL_PROJECTIONS, build_adapters
+    from loraplex.server.bench.workload import ALL_PROJECTIONS, build_adapters
     from tests.api.helpers import ServerThread, engine_config
 
     paths = build_adapters(demo_model_dir, tmp_path / "adapters", [4, 4], ALL_PROJECTIONS)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraplex.server.cli import main
-from loraplex.server.demo_model import SPEC_FILE, build_demo_model
+from loraplex.server.demo.model import SPEC_FILE, build_demo_model
 
 
 def _digest(path) -> str:

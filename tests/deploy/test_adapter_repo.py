@@ -13,8 +13,8 @@ import pytest
 from loraplex import clients
 from loraplex.clients import AsyncClient
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-from loraplex.server.engine import AsyncEngine, GenerationRequest, LLMEngine
-from loraplex.server.sampling import SamplingParams
+from loraplex.server.engine.engine import AsyncEngine, GenerationRequest, LLMEngine
+from loraplex.server.model.sampling import SamplingParams
 from tests.deploy.conftest import ADMIN_TOKEN
 from tests.engine.helpers import PROMPTS, run_until_done, submit
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from loraplex.server.api import demo
+from loraplex.server.demo import cli as demo
 
 
 def test_demo_runs_to_completion_and_reuses_its_cache(tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-from loraplex.server.engine import GenerationRequest, LLMEngine, RequestOutput
-from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
-from loraplex.server.sampling import SamplingParams
+from loraplex.server.engine.engine import GenerationRequest, LLMEngine, RequestOutput
+from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+from loraplex.server.model.sampling import SamplingParams
 from loraplex.server.train.greedy import greedy_decode
 
 PROMPTS = [

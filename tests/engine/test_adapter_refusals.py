@@ -115,7 +115,7 @@ def test_a_good_adapter_still_registers_after_the_refusals(engine, good):
 @pytest.mark.parametrize("read_whole", [True, False])
 def test_unreadable_weights_file(engine, good, tmp_path, monkeypatch, read_whole):
     """A truncated safetensors file is refused, whether it is read whole (small files) or mapped."""
-    from loraplex.server import adapter_loader
+    from loraplex.server.adapters import loader as adapter_loader
 
     monkeypatch.setattr(adapter_loader, "READ_WHOLE_BYTES", 64 << 20 if read_whole else 0)
     path = _copy(good, tmp_path)
@@ -126,7 +126,7 @@ def test_unreadable_weights_file(engine, good, tmp_path, monkeypatch, read_whole
 
 @pytest.mark.parametrize("read_whole", [True, False])
 def test_both_ways_of_reading_give_the_same_tensors(good, monkeypatch, read_whole):
-    from loraplex.server import adapter_loader
+    from loraplex.server.adapters import loader as adapter_loader
 
     monkeypatch.setattr(adapter_loader, "READ_WHOLE_BYTES", 64 << 20 if read_whole else 0)
     tensors = adapter_loader.read_tensors(good, allow_pickle=False)

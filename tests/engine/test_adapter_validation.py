@@ -164,7 +164,7 @@ def test_virtual_token_count(engine, tmp_path):
 
 
 def test_malformed_pickle(engine, copy):
-    from loraplex.server.adapter_loader import load_adapter
+    from loraplex.server.adapters.loader import load_adapter
 
     (copy / "adapter_model.safetensors").unlink()
     (copy / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle")

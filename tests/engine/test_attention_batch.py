@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loraplex.server import attention
-from loraplex.server.model_runner import ModelRunner, StepInput
+from loraplex.server.model import attention
+from loraplex.server.model.runner import ModelRunner, StepInput
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.server import quantization
+from loraplex.server.model import quantization
 from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
 

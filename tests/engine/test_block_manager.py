@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.server.block_manager import BlockAllocationError, BlockManager
-from loraplex.server.sequence import Sequence
+from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
+from loraplex.server.engine.sequence import Sequence
 
 
 def _seq(num_prompt: int, num_virtual: int = 0) -> Sequence:

@@ -1,4 +1,4 @@
-"""The runner's lean forward (server/decoder.py) against the transformers forward it replaces: the
+"""The runner's lean forward (server/model/decoder.py) against the transformers forward it replaces: the
 same greedy tokens and logprobs for every supported architecture, with and without the C kernels,
 in batches that mix adapters, prefills and decodes; anything else keeps the transformers forward."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels import native
-from loraplex.server.decoder import DecoderForward
+from loraplex.server.model.decoder import DecoderForward
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

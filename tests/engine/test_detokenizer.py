@@ -10,7 +10,7 @@ import json
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from loraplex.server.detokenizer import IncrementalDetokenizer, StopChecker
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 
 EOS = "<|eos|>"
 CORPUS = [

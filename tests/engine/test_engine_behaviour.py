@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from loraplex.server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from loraplex.server.engine import AsyncEngine, GenerationRequest
+from loraplex.server.engine.engine import AsyncEngine, GenerationRequest
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-from loraplex.server.sampling import SamplingParams
-from loraplex.server.scheduler import SchedulerConfig
+from loraplex.server.model.sampling import SamplingParams
+from loraplex.server.engine.scheduler import SchedulerConfig
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,7 +55,7 @@ def test_more_adapters_than_device_slots_evicts_and_reloads(demo_model_dir, four
 def test_kv_budget_below_the_load_preempts_and_keeps_outputs(demo_model_dir, four_adapters, unconstrained):
     engine = make_engine(demo_model_dir, kv_tokens=160, block_size=8)
     assert _workload(engine, four_adapters) == unconstrained
-    assert engine.num_preemptions > 0
+    assert engine.snapshot().num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.initial_free_blocks
 
 

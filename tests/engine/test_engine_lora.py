@@ -122,7 +122,7 @@ def test_bfloat16_adapter_storage_matches_peft_on_the_rounded_weights(demo_model
 
 def test_bfloat16_adapter_storage_is_refused_off_float32_cpu(demo_model_dir):
     from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-    from loraplex.server.engine import LLMEngine
+    from loraplex.server.engine.engine import LLMEngine
 
     config = EngineConfig(model=ModelConfig(path=demo_model_dir, dtype="bfloat16", device="cpu"),
                           cache=CacheConfig(num_tokens=256), adapters=AdapterConfig(dtype="bfloat16"))

@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from loraplex.kernels import devices
-from loraplex.server import adapter_loader
+from loraplex.server.adapters import loader as adapter_loader
 from loraplex.server.config import EngineConfig, ModelConfig, CacheConfig
-from loraplex.server.engine import AsyncEngine, GenerationRequest
-from loraplex.server.sampling import SamplingParams
+from loraplex.server.engine.engine import AsyncEngine, GenerationRequest
+from loraplex.server.model.sampling import SamplingParams
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 

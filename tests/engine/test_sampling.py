@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from loraplex.server.errors import InvalidArgument
-from loraplex.server.sampling import (
+from loraplex.server.model.sampling import (
     SamplingParams,
     Sampler,
     apply_repetition_penalty,

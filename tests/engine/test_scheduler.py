@@ -14,12 +14,16 @@ import sys
 
 import pytest
 
-from loraplex.server.block_manager import BlockAllocationError, BlockManager
+from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
 from loraplex.server.errors import InvalidArgument, ResourceExhausted
-from loraplex.server.scheduler import Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence, SequenceStatus
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 VOCAB = 997
+
+
+def running_adapters(sched: Scheduler) -> set[str]:
+    return {seq.adapter_key for seq in sched.running} - {None}
 
 
 def next_token(tokens: list[int], adapter: str | None) -> int:
@@ -43,7 +47,7 @@ class Loop:
 
     def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0):
         prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
-        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_id=adapter, num_virtual_tokens=virtual)
+        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_tokens=virtual)
         self.sched.add(seq)
         return seq
 
@@ -84,7 +88,7 @@ class Loop:
                     f"KV of sequence {seq.request_id} position {pos} was overwritten or never written"
                 )
             if item.samples:
-                sampled[seq.seq_id] = next_token(seq.token_ids, seq.adapter_id)
+                sampled[seq.seq_id] = next_token(seq.token_ids, seq.adapter_key)
         return sampled
 
     @staticmethod
@@ -98,13 +102,13 @@ class Loop:
         assert all(n >= 1 for n in ns)
         assert out.num_batched_tokens == sum(ns) <= cfg.max_num_batched_tokens
         assert sched.num_running <= cfg.max_num_seqs
-        assert len(sched.running_adapters()) <= cfg.max_adapters
-        step_adapters = {item.seq.adapter_id for item in out.scheduled} - {None}
-        assert step_adapters == sched.running_adapters()
+        assert len(running_adapters(sched)) <= cfg.max_adapters
+        step_adapters = {item.seq.adapter_key for item in out.scheduled} - {None}
+        assert step_adapters == running_adapters(sched)
         # every running sequence computes something every step, in running order
         assert [item.seq for item in out.scheduled] == sched.running
         admitted = [s for s in sched.running if s not in before]
-        assert all(a is None or self.ready(a) for a in (s.adapter_id for s in admitted))
+        assert all(a is None or self.ready(a) for a in (s.adapter_key for s in admitted))
         assert len(self.ready_calls) == len(set(self.ready_calls)), "adapter_ready asked twice in a step"
         for item in out.scheduled:  # blocks cover exactly what is computed by the end of the step
             assert len(item.seq.block_table) >= bm.blocks_for(item.stop)
@@ -144,7 +148,7 @@ def items_by_name(out) -> dict[str, tuple[int, bool]]:
 
 
 def test_sequence_tracks_tokens_and_positions():
-    a = Sequence("a", [5, 6, 7], max_new_tokens=4, adapter_id="x")
+    a = Sequence("a", [5, 6, 7], max_new_tokens=4, adapter_key="x")
     b = Sequence("b", [1], max_new_tokens=1)
     assert b.seq_id > a.seq_id
     assert a.status is SequenceStatus.WAITING and a.block_table == [] and a.num_preemptions == 0
@@ -281,7 +285,7 @@ def test_adapter_budget_caps_distinct_running_adapters_and_the_base_model_is_fre
         loop.submit(*w)
     loop.run()  # Loop._check asserts <= 2 distinct adapters in every step
     assert loop.tokens() == reference(workload)
-    per_step = [{i.seq.adapter_id for i in out.scheduled} for out in loop.outputs]
+    per_step = [{i.seq.adapter_key for i in out.scheduled} for out in loop.outputs]
     assert max(len(s - {None}) for s in per_step) == 2
     assert any(len(s) == 3 and None in s for s in per_step)  # base sequences ran beside two adapters
 
@@ -324,9 +328,9 @@ def test_preemption_when_blocks_run_out_gives_the_unconstrained_tokens():
     for w in workload:
         loop.submit(*w)
     loop.run()
-    assert loop.sched.num_preemptions_total > 0
-    assert sum(s.num_preemptions for s in loop.seqs) == loop.sched.num_preemptions_total
-    assert sum(len(out.preempted) for out in loop.outputs) == loop.sched.num_preemptions_total
+    assert loop.sched.num_preemptions > 0
+    assert sum(s.num_preemptions for s in loop.seqs) == loop.sched.num_preemptions
+    assert sum(len(out.preempted) for out in loop.outputs) == loop.sched.num_preemptions
     assert loop.tokens() == reference(workload)
     assert loop.bm.num_free_blocks == loop.bm.num_blocks
 
@@ -458,18 +462,18 @@ def _adapter_starvation(max_bypass_steps: int):
 
 def test_sequence_waiting_for_an_adapter_slot_is_bypassed_at_most_max_bypass_steps_times():
     loop, head = _adapter_starvation(max_bypass_steps=2)
-    assert _bypasses(loop, head, competes=lambda s: s.adapter_id is not None) == 2
+    assert _bypasses(loop, head, competes=lambda s: s.adapter_key is not None) == 2
     admitted_at = _admitted_at(loop, head)
     assert admitted_at < 15
     # base-model arrivals kept being admitted while the adapters drained for "head"
     held_back = loop.outputs[4:admitted_at]
     admitted = [i.seq for out in held_back for i in out.scheduled if i.start == 0]
-    assert admitted and all(s.adapter_id is None for s in admitted)
+    assert admitted and all(s.adapter_key is None for s in admitted)
 
 
 def test_without_the_bypass_bound_adapter_traffic_starves_a_new_adapter():
     loop, head = _adapter_starvation(max_bypass_steps=10_000)
-    assert _bypasses(loop, head, competes=lambda s: s.adapter_id is not None) >= 30
+    assert _bypasses(loop, head, competes=lambda s: s.adapter_key is not None) >= 30
     assert _admitted_at(loop, head) > 31  # only once the stream dried up
 
 
@@ -485,7 +489,7 @@ def test_base_model_arrivals_do_not_use_up_the_bypasses_of_a_sequence_waiting_fo
     loop.step()
     assert a1.status is not SequenceStatus.WAITING and head.status is SequenceStatus.WAITING
     loop.run()
-    assert _bypasses(loop, head, competes=lambda s: s.adapter_id is not None) == 1
+    assert _bypasses(loop, head, competes=lambda s: s.adapter_key is not None) == 1
 
 
 def test_freed_adapter_slot_stays_reserved_while_the_starving_sequences_adapter_loads():
@@ -528,7 +532,7 @@ def test_abort_frees_blocks_at_once_from_waiting_and_running():
     assert loop.sched.running == [b] and loop.sched.num_waiting == 0
     assert loop.sched.abort(b.seq_id) is b
     assert loop.bm.num_free_blocks == 16 and not loop.sched.has_unfinished()
-    assert loop.sched.running_adapters() == set()
+    assert running_adapters(loop.sched) == set()
 
 
 def test_abort_between_schedule_and_update_drops_that_sequence_only():
@@ -654,7 +658,7 @@ def test_block_manager_errors_surface_through_the_scheduler_bookkeeping():
 
 def test_scheduling_modules_do_not_import_torch():
     code = (
-        "import sys; import loraplex.server.scheduler, loraplex.server.block_manager, loraplex.server.sequence; "
+        "import sys; import loraplex.server.engine.scheduler, loraplex.server.engine.block_manager, loraplex.server.engine.sequence; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from loraplex.server.adapter_store import AdapterState
+from loraplex.server.adapters.store import AdapterState
 from loraplex.server.errors import FailedPrecondition
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 

@@ -135,7 +135,7 @@ def test_prepared_pool_refusals():
 def test_step_context_picks_the_backend_once_per_step(monkeypatch):
     """The serving layers' LoRA (LoRAStepContext.apply_lora): the backend is chosen by a step's first call
     and kept for the step; the next step chooses again. Both paths give ops.lora_apply's result."""
-    from loraplex.server.lora import LoRAPool, LoRAStepContext
+    from loraplex.server.adapters.lora import LoRAPool, LoRAStepContext
 
     p, _ = layout(make_problem(16, 64, 3, "distinct", torch.float32, seed=9), contiguous=True)
     pool = LoRAPool(p.x.shape[1], list(p.widths), p.A.shape[1], p.A.shape[2], torch.float32, torch.device("cpu"))

@@ -1,5 +1,5 @@
 """The C kernel's decode attention (`native.decode_attention`) against the gathered-context SDPA path
-of server/attention.py: GQA and plain heads, uneven lengths, padded block tables, sliding windows,
+of server/model/attention.py: GQA and plain heads, uneven lengths, padded block tables, sliding windows,
 strided queries, threads."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.kernels import native
-from loraplex.server.attention import DecodeBatch
+from loraplex.server.model.attention import DecodeBatch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
 
@@ -84,10 +84,10 @@ def test_decode_attention_refuses_what_does_not_fit():
 
 
 def test_paged_attention_same_output_with_and_without_the_kernel(monkeypatch):
-    """server/attention.py's decode branch: the C kernel and the gathered-SDPA fallback agree."""
+    """server/model/attention.py's decode branch: the C kernel and the gathered-SDPA fallback agree."""
     from types import SimpleNamespace
 
-    from loraplex.server import attention
+    from loraplex.server.model import attention
 
     lengths, block_size = [5, 9, 2], 4
     batch, k, v, _ = _problem(lengths, 4, 2, block_size=block_size, seed=9)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import native
-from loraplex.server.lora import LoRAStepContext, wrap_model
+from loraplex.server.adapters.lora import LoRAStepContext, wrap_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
 

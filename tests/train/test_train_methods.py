@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from loraplex.server.quantization import bnb_config
+from loraplex.server.model.quantization import bnb_config
 
 from loraplex.server.train import METHODS, TrainConfig, train
 from loraplex.server.train.data import encode, load_examples

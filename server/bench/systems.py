@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.server.bench_measure import MemoryWatch, RunResult, now, synchronize, tensor_bytes
+from loraplex.server.bench.measure import MemoryWatch, RunResult, now, synchronize, tensor_bytes
 
 
 class LoraplexSystem:
@@ -26,7 +26,7 @@ class LoraplexSystem:
 
     @classmethod
     def create(cls, engine_config, adapters: dict[str, Path]) -> "LoraplexSystem":
-        from loraplex.server.engine import LLMEngine
+        from loraplex.server.engine.engine import LLMEngine
 
         engine = LLMEngine(engine_config)
         for adapter_id, path in adapters.items():
@@ -47,8 +47,8 @@ class LoraplexSystem:
         return self.model_bytes() + runner.lora_bytes() + runner.kv_cache.nbytes()
 
     def run(self, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> RunResult:
-        from loraplex.server.engine import GenerationRequest
-        from loraplex.server.sampling import SamplingParams
+        from loraplex.server.engine.engine import GenerationRequest
+        from loraplex.server.model.sampling import SamplingParams
 
         engine = self.engine
         self._runs += 1
@@ -89,7 +89,7 @@ def load_hf_model(model_dir: Path, dtype: str, quantization: str, device: str):
     """The base model as a user of transformers would load it (same dtype and quantization as the server)."""
     from transformers import AutoModelForCausalLM
 
-    from loraplex.server.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+    from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 
     torch_dtype = getattr(torch, dtype)
     kwargs: dict = {"dtype": torch_dtype}

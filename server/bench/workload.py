@@ -47,7 +47,7 @@ def build_model(out_dir: Path, shape: ModelShape, seed: int = 0, save_dtype: str
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from loraplex.server.demo_model import corpus_text, train_tokenizer
+    from loraplex.server.demo.model import corpus_text, train_tokenizer
 
     tokenizer = train_tokenizer(corpus_text(), shape.vocab_size)
     config = LlamaConfig(

@@ -1,6 +1,6 @@
 """Read a PEFT adapter directory, check that it fits the served base model, convert it for serving.
 
-Every type is converted at load to what the server applies per token (DESIGN.md "Adapter types"):
+Every type is converted at load to what the server applies per token:
 
 | peft_type               | on disk                                   | served as                                  |
 | LORA (QLoRA, rsLoRA)    | lora_A [r, in], lora_B [out, r]           | A, B, scaling alpha/r (alpha/sqrt(r))      |
@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 
 from loraplex.kernels import devices
-from loraplex.server.adapter_validation import parse_config, validate_adapter
+from loraplex.server.adapters.kind import AdapterKind
+from loraplex.server.adapters.validation import parse_config, validate_adapter
 from loraplex.server.errors import FailedPrecondition, NotFound
 
 CONFIG_FILE = "adapter_config.json"
@@ -105,15 +106,15 @@ class AdapterWeights:
     prefix_kv: torch.Tensor | None = None  # [layers, 2, kv_heads, P, head_dim] (prefix tuning)
 
     @property
-    def kind(self) -> str:
-        """How the server applies it: "lora", "dora", "ia3", "prompt" or "prefix"."""
+    def kind(self) -> AdapterKind:
+        """How the server applies it."""
         if self.prefix_kv is not None:
-            return "prefix"
+            return AdapterKind.PREFIX
         if self.prompt_embeddings is not None:
-            return "prompt"
+            return AdapterKind.PROMPT
         if self.ia3_in or self.ia3_out:
-            return "ia3"
-        return "dora" if self.dora_scale else "lora"
+            return AdapterKind.IA3
+        return AdapterKind.DORA if self.dora_scale else AdapterKind.LORA
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -150,9 +151,8 @@ def read_config(source: Path) -> dict:
     return parse_config(path)
 
 
-# Safetensors files up to this size are read whole and parsed at once: for a typical adapter (56
-# tensors, 0.25 MB) that took 0.32 ms against 0.98 ms through load_file's memory map, tensor by tensor.
-# Larger ones keep the map (no transient second copy of the file).
+# Safetensors files up to this size are read whole and parsed at once, cheaper for small adapters than
+# load_file's memory map tensor by tensor; larger ones keep the map (no transient second copy of the file).
 READ_WHOLE_BYTES = 64 << 20
 
 
@@ -416,6 +416,6 @@ def load_adapter(source: Path, base: BaseModelSpec, max_rank: int, allow_pickle:
         adapter = load_prefix(source, config, tensors, base)
     else:
         adapter = load_prompt(source, config, tensors, base)
-    if not (adapter.lora or adapter.ia3_in or adapter.ia3_out or adapter.kind in ("prompt", "prefix")):
+    if not (adapter.lora or adapter.ia3_in or adapter.ia3_out or adapter.kind in (AdapterKind.PROMPT, AdapterKind.PREFIX)):
         raise FailedPrecondition(f"adapter {source} has no weights left to serve (every layer was pruned)")
     return adapter

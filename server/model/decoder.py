@@ -11,8 +11,7 @@ framework around the math: per-module calls, keyword plumbing, output containers
 fused group's output into three transposed views that are put back together for the cache.
 
 Why: on CPU that glue and the small torch operations of the norms, the rotary embedding, the cache
-writes and the MLP's activation took 3 ms of a 12 ms base decode step of the bench model (512 x 8
-layers, batch 16, 2 threads; docs/benchmarks.md). On CPU float32 those steps run in C here
+writes and the MLP's activation are a large part of a small decode step (docs/benchmarks.md). On CPU float32 those steps run in C here
 (`native.add_rms_norm`, `rope_store`, `silu_mul`); elsewhere the model's norm modules and the
 transformers formulas.
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from loraplex.kernels import native
-from loraplex.server import attention
+from loraplex.server.model import attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 """Model classes whose decoder layers are the standard pre-norm Llama layer (checked again per module)."""

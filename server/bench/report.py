@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraplex.server.bench import BenchConfig
+    from loraplex.server.bench.cli import BenchConfig
 
 
 def bandwidth_floor(config: BenchConfig, system, adapters: dict[str, Path], summaries: dict) -> dict:
@@ -62,7 +62,7 @@ def copy_bandwidth(device, nbytes: int = 256 * 2**20) -> float:
     """Bytes moved per second (read + write) by a large tensor copy, best of 5."""
     import torch
 
-    from loraplex.server.bench_measure import now, synchronize
+    from loraplex.server.bench.measure import now, synchronize
 
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)

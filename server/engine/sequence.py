@@ -65,7 +65,7 @@ class Sequence:
         prompt_token_ids: list[int],
         *,
         max_new_tokens: int,
-        adapter_id: str | None = None,
+        adapter_key: str | None = None,
         num_virtual_tokens: int = 0,
         arrival_time: float | None = None,
         extra: object = None,
@@ -73,8 +73,9 @@ class Sequence:
         self.seq_id: int = next(Sequence._ids)
         """Unique in this process, increasing in creation order."""
         self.request_id = request_id
-        self.adapter_id = adapter_id
-        """None is the bare base model."""
+        self.adapter_key = adapter_key
+        """The adapter store's key of the registration this request holds ("<id>#<n>"); None is the
+        bare base model."""
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -145,7 +146,7 @@ class Sequence:
     def __repr__(self) -> str:
         return (
             f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, "
-            f"adapter_id={self.adapter_id!r}, status={self.status.name}, "
+            f"adapter_key={self.adapter_key!r}, status={self.status.name}, "
             f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
         )

@@ -15,14 +15,12 @@ projection's `weight` becomes a view of its rows, so nothing is stored twice. On
 fused weight is kept only in a GEMM's own layout, packed once: the C kernel's panels
 (`kernels/native.py`, `pack_weight`) where it builds, else oneDNN's blocked layout. A decode step
 reads every weight once for ~16 rows, and both read them faster than MKL's GEMM on the plain layout
-(oneDNN +8 % decode throughput; the C kernel's GEMM takes 0.6x oneDNN's time at 16 rows:
-docs/benchmarks.md); the projections then
+(docs/benchmarks.md); the projections then
 become `PackedProjection`s, whose `weight` is unpacked on demand (DoRA's norms at adapter load). The first projection
 of a group called in a step computes the whole group's output once, `y = x @ weightᵀ + bias`, adds
 every token's LoRA into it in place (`lora_apply`), and returns its columns as a view; its siblings
 take their columns of the same `y`. Compared with a zero-filled delta buffer added to each
-projection's own output, this saves a buffer and an add per projection (+12 % mixed-batch throughput
-in `loraplex bench` on CPU; base-only throughput is unchanged). Other base layers (4-bit, 8-bit) run
+projection's own output, this saves a buffer and an add per projection. Other base layers (4-bit, 8-bit) run
 their own forward, and the group's LoRA delta is computed once into a buffer and added.
 The step's adapter layout (`LoRAMeta`, one slot per token) is set on the shared `LoRAStepContext` by
 the model runner before the forward pass and cleared after it.
@@ -46,6 +44,7 @@ from torch import nn
 from loraplex.kernels import native
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.ops import apply_backend, lora_apply
+from loraplex.server.adapters.kind import AdapterKind
 
 # oneDNN lays a packed weight out for GEMMs of about this many rows (a decode step's batch); any row
 # count works.
@@ -86,12 +85,12 @@ class LoRAStepContext:
     native_step: tuple | None = None
     """This step's layout as the C kernel takes it (`native.meta_args`), set by the first C call."""
 
-    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[str] = frozenset()) -> None:
+    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[AdapterKind] = frozenset()) -> None:
         self.meta = meta
         self.rows = rows
-        self.has_lora = bool(kinds & {"lora", "dora"})
-        self.has_dora = "dora" in kinds
-        self.has_ia3 = "ia3" in kinds
+        self.has_lora = bool(kinds & {AdapterKind.LORA, AdapterKind.DORA})
+        self.has_dora = AdapterKind.DORA in kinds
+        self.has_ia3 = AdapterKind.IA3 in kinds
         self.cache.clear()
         self.backends.clear()
         self.native_step = None
@@ -102,7 +101,7 @@ class LoRAStepContext:
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, pool: LoRAPool) -> None:
         """y += every token's LoRA for this step (`ops.lora_apply`). The backend is chosen once per
         step and the C kernel takes the pool as checked at its first use: a decode step makes 4 calls
-        per layer, and the per-call dispatch had cost ~30 µs each (1 ms of a 16 ms CPU step)."""
+        per layer, and dispatch and checks per call would cost more than a small step's LoRA."""
         key = (x.dtype, pool.a.dtype)
         backend = self.backends.get(key)
         if backend is None:

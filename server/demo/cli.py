@@ -28,7 +28,7 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
-from loraplex.server.demo_model import DEFAULT_PRETRAIN_STEPS, SPEC_FILE
+from loraplex.server.demo.model import DEFAULT_PRETRAIN_STEPS, SPEC_FILE
 from loraplex.server.errors import UserError
 
 ADAPTERS = ("pirate", "shout", "robot")
@@ -98,7 +98,7 @@ def data_version() -> str:
 
 
 def ensure_model(cache: Path, pretrain_steps: int, log=_log) -> Path:
-    from loraplex.server.demo_model import build_demo_model
+    from loraplex.server.demo.model import build_demo_model
 
     model = cache / f"model-p{pretrain_steps}-{data_version()}"
     if (model / SPEC_FILE).is_file():

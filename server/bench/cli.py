@@ -13,7 +13,7 @@ the median over rounds of the ratio within a round, so slow drift of a shared ma
 The defaults are the CPU target workload: hidden 512 × 8 layers, 16 distinct rank-16 adapters on
 all 7 projections, batch 16, 32-token prompts, 32 new tokens.
 
-`--scale` runs the adapter-swapping benchmark instead (`bench_scale`), `--grpc ADDRESS` drives a
+`--scale` runs the adapter-swapping benchmark instead (`scale`), `--grpc ADDRESS` drives a
 running server with concurrent streaming clients instead of an in-process engine.
 """
 
@@ -28,12 +28,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from loraplex.server.bench_report import bandwidth_floor, machine_info, render, render_scale
-from loraplex.server.bench_workload import ALL_PROJECTIONS, POPULARITY_LAWS, ModelShape
+from loraplex.server.bench.report import bandwidth_floor, machine_info, render, render_scale
+from loraplex.server.bench.workload import ALL_PROJECTIONS, POPULARITY_LAWS, ModelShape
 from loraplex.server.config import check_adapter_dtype
 from loraplex.server.errors import UserError
 
-# Targets of the CPU workload (the defaults): issue 7.
+# Targets of the CPU workload (the defaults), as ratios between the systems' throughputs.
 TARGETS = {"mixed_over_base": 0.8, "mixed_over_peft": 4.0, "base_over_hf": 1.0}
 SYSTEM_LABELS = {
     "mixed": "(a) loraplex, mixed adapters",
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     with _workdir(args.workdir) as workdir:
         if args.scale:
-            from loraplex.server.bench_scale import ScaleConfig, run_scale
+            from loraplex.server.bench.scale import ScaleConfig, run_scale
 
             scale = ScaleConfig(
                 num_adapters=args.scale_adapters, slots=args.scale_slots, host=args.scale_host,
@@ -281,7 +281,7 @@ class _workdir:
 # ---------------------------------------------------------------------------------- the local run
 def prepare(config: BenchConfig, workdir: Path, log) -> tuple[Path, dict[str, Path]]:
     """Generate (or reuse, when workdir holds the same settings) the model and the adapters."""
-    from loraplex.server.bench_workload import build_adapters, build_model
+    from loraplex.server.bench.workload import build_adapters, build_model
 
     save_dtype = config.dtype  # a half-precision run writes half the bytes (1B-parameter GPU runs)
     spec = {"shape": asdict(config.shape), "ranks": config.adapter_ranks, "targets": list(config.targets),
@@ -316,9 +316,9 @@ def engine_config(config: BenchConfig, model_dir: Path, num_slots: int):
 
 
 def bench_local(config: BenchConfig, workdir: Path, log) -> dict:
-    from loraplex.server.bench_measure import median_ratio, round_orders, summarize
-    from loraplex.server.bench_systems import GenerateSystem, LoraplexSystem, load_hf_model, load_peft_model
-    from loraplex.server.bench_workload import draw_adapters, random_prompts
+    from loraplex.server.bench.measure import median_ratio, round_orders, summarize
+    from loraplex.server.bench.systems import GenerateSystem, LoraplexSystem, load_hf_model, load_peft_model
+    from loraplex.server.bench.workload import draw_adapters, random_prompts
 
     model_dir, adapters = prepare(config, workdir, log)
     ids = list(adapters)
@@ -379,9 +379,9 @@ def run_system(name: str, system, prompts, picks, new_tokens: int):
 
 
 def bench_grpc(config: BenchConfig, address: str, adapter_ids, admin_token, log) -> dict:
-    from loraplex.server.bench_measure import median_ratio, round_orders, summarize
-    from loraplex.server.bench_systems import GrpcSystem
-    from loraplex.server.bench_workload import draw_adapters, random_prompts
+    from loraplex.server.bench.measure import median_ratio, round_orders, summarize
+    from loraplex.server.bench.systems import GrpcSystem
+    from loraplex.server.bench.workload import draw_adapters, random_prompts
 
     system = GrpcSystem(address, admin_token)
     ids = list(adapter_ids) if adapter_ids else system.adapter_ids()
@@ -433,7 +433,7 @@ def bench_config_dict(config: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loraplex.server.bench` / benchmarks/bench.py: the subcommand on its own."""
+    """`python -m loraplex.server.bench.cli` / benchmarks/bench.py: the subcommand on its own."""
     from loraplex.server.cli import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -28,16 +28,17 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from loraplex.server.adapter_store import AdapterInfo, AdapterStore
-from loraplex.server.block_manager import BlockManager
+from loraplex.server.adapters.kind import AdapterKind
+from loraplex.server.adapters.store import AdapterInfo, AdapterStore
+from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.config import EngineConfig
-from loraplex.server.detokenizer import IncrementalDetokenizer, StopChecker
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
-from loraplex.server.model_runner import ModelRunner, StepInput
-from loraplex.server.sampling import Sampler, SamplingParams, make_generator
-from loraplex.server.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
-from loraplex.server.sequence import Sequence, SharedPrefix
+from loraplex.server.model.runner import ModelRunner, StepInput
+from loraplex.server.model.sampling import Sampler, SamplingParams, make_generator
+from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence, SharedPrefix
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ class _RequestState:
     generator: torch.Generator | None
     max_new_tokens: int
     adapter_key: str | None
-    kind: str
-    """"base" or the adapter's AdapterWeights.kind."""
+    kind: AdapterKind | None
+    """None for the base model."""
     num_virtual: int
     """The adapter's virtual tokens (prompt or prefix tuning), before padding."""
 
@@ -139,7 +140,6 @@ class LLMEngine:
         self._lock = threading.Lock()  # guards _sequences and _prefixes for add/abort from other threads
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
-        self.num_preemptions = 0
         self.num_step_failures = 0
 
     def _eos_ids(self) -> set[int]:
@@ -166,7 +166,7 @@ class LLMEngine:
         prompt_ids = self._prompt_ids(request)
         adapter_key = self.store.acquire(request.adapter_id) if request.adapter_id else None
         try:
-            kind, num_virtual = self.store.kind(adapter_key) if adapter_key else ("base", 0)
+            kind, num_virtual = self.store.kind(adapter_key) if adapter_key else (None, 0)
             max_len = self.scheduler.config.max_model_len
             if len(prompt_ids) + num_virtual >= max_len:
                 virtual = f" (+ {num_virtual} virtual tokens of the adapter)" if num_virtual else ""
@@ -177,7 +177,7 @@ class LLMEngine:
             max_new_tokens = min(params.max_new_tokens, max_len - len(prompt_ids) - num_virtual)
             # prefix-tuning entries fill whole blocks, shared by every sequence of the adapter
             kv_virtual = self.block_manager.blocks_for(num_virtual) * self.block_manager.block_size \
-                if kind == "prefix" else num_virtual
+                if kind is AdapterKind.PREFIX else num_virtual
             problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens, kv_virtual)
             if problem is not None:
                 raise problem
@@ -187,11 +187,11 @@ class LLMEngine:
             state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
                                   StopChecker(params.stop), generator, max_new_tokens, adapter_key, kind, num_virtual)
             seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens,
-                           adapter_id=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
+                           adapter_key=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
             with self._lock:
                 if request.request_id in self._sequences:
                     raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
-                if kind == "prefix":
+                if kind is AdapterKind.PREFIX:
                     seq.shared_prefix = self._prefixes.setdefault(adapter_key, SharedPrefix(kv_virtual))
                 self._sequences[request.request_id] = seq
         except BaseException:
@@ -249,7 +249,7 @@ class LLMEngine:
             adapter_loads=dict(self.store.loads),
             adapter_evictions=dict(self.store.evictions),
             num_steps=self.num_steps,
-            num_preemptions=self.num_preemptions,
+            num_preemptions=self.scheduler.num_preemptions,
             running_adapters=_adapter_ids(running),
             waiting_adapters=_adapter_ids(waiting),
             num_step_failures=self.num_step_failures,
@@ -273,12 +273,11 @@ class LLMEngine:
             # requests are queued: KV blocks may be short, so no idle adapter keeps its prefix cached
             self._release_idle_prefixes(keep_cached=False)
         out = self.scheduler.schedule(self._adapter_ready)
-        self.num_preemptions += len(out.preempted)
         if not out.scheduled:
             self._release_idle_prefixes()
             return None
-        running_keys = {s.adapter_id for s in self.scheduler.running if s.adapter_id is not None}
-        running_keys |= {s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}
+        running_keys = {s.adapter_key for s in self.scheduler.running if s.adapter_key is not None}
+        running_keys |= {s.seq.adapter_key for s in out.scheduled if s.seq.adapter_key is not None}
         try:
             sampled, logprobs = self._run(out.scheduled, running_keys)
         except Exception as error:
@@ -296,7 +295,7 @@ class LLMEngine:
         stats = StepStats(
             num_tokens=sum(s.num_new_tokens for s in out.scheduled),
             num_sequences=len(out.scheduled),
-            num_adapters=len({s.seq.adapter_id for s in out.scheduled if s.seq.adapter_id is not None}),
+            num_adapters=len({s.seq.adapter_key for s in out.scheduled if s.seq.adapter_key is not None}),
             seconds=time.perf_counter() - started,
         )
         self.num_steps += 1
@@ -311,7 +310,7 @@ class LLMEngine:
         keys: adapters that get (or keep) a device slot, at least those of `items`.
         """
         slots = self.store.assign_slots(keys)
-        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_id, -1), s.samples)
+        inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_key, -1), s.samples)
                   for s in items]
         logits = self.runner.execute(inputs)
         sampling = [s.seq for s in items if s.samples]
@@ -342,7 +341,7 @@ class LLMEngine:
                     len(items), error)
         groups: dict[str | None, list[ScheduledSequence]] = defaultdict(list)
         for item in items:
-            groups[item.seq.adapter_id].append(item)
+            groups[item.seq.adapter_key].append(item)
         failed: dict[int, Exception] = {}
         if len(items) == 1:
             failed[items[0].seq.seq_id] = error
@@ -354,7 +353,7 @@ class LLMEngine:
         while pending:
             part = pending.pop()
             try:
-                part_sampled, part_logprobs = self._run(part, {s.seq.adapter_id for s in part} - {None})
+                part_sampled, part_logprobs = self._run(part, {s.seq.adapter_key for s in part} - {None})
             except Exception as part_error:
                 if len(part) == 1:
                     failed[part[0].seq.seq_id] = part_error
@@ -393,9 +392,9 @@ class LLMEngine:
         state: _RequestState = seq.extra
         start = seq.num_computed_tokens
         virtual = skip = None
-        if state.kind == "prompt" and start < state.num_virtual:
+        if state.kind is AdapterKind.PROMPT and start < state.num_virtual:
             virtual = self.runner.slot_prompts[slot][start : min(start + n, state.num_virtual)]
-        elif state.kind == "prefix" and seq.num_virtual_tokens > state.num_virtual:
+        elif state.kind is AdapterKind.PREFIX and seq.num_virtual_tokens > state.num_virtual:
             skip = (state.num_virtual, seq.num_virtual_tokens)
         return StepInput(token_ids=seq.token_ids_at(start, start + n), start=start, block_table=seq.block_table,
                          slot=slot, samples=samples, virtual_embeddings=virtual, skip=skip)
@@ -426,7 +425,7 @@ class LLMEngine:
         that does not fit): then every idle adapter's blocks go back to the pool.
         """
         with self._lock:
-            live = {seq.adapter_id for seq in self._sequences.values()}
+            live = {seq.adapter_key for seq in self._sequences.values()}
             for key, prefix in list(self._prefixes.items()):
                 if key in live:
                     continue
@@ -448,7 +447,7 @@ class LLMEngine:
 
     def _fail_broken_adapters(self) -> None:
         for seq in list(self._sequences.values()):
-            key = seq.adapter_id
+            key = seq.adapter_key
             error = self.store.failure(key) if key is not None and not seq.is_finished else None
             if error is not None:
                 self._fail(seq, error)

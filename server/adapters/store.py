@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec, load_adapter
+from loraplex.server.adapters.kind import AdapterKind
+from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec, load_adapter
 from loraplex.server.config import AdapterConfig
 from loraplex.server.errors import (AlreadyExists, EngineError, FailedPrecondition, InvalidArgument, NotFound,
                                     PermissionDenied, Unavailable)
@@ -73,7 +74,7 @@ class _Entry:
     adapter_id: str
     source: Path
     peft_type: str
-    kind: str  # AdapterWeights.kind: how the server applies it
+    kind: AdapterKind
     num_virtual_tokens: int
     max_rank: int
     target_modules: list[str]
@@ -258,7 +259,7 @@ class AdapterStore:
                 return False
             return True
 
-    def kind(self, key: str) -> tuple[str, int]:
+    def kind(self, key: str) -> tuple[AdapterKind, int]:
         """(AdapterWeights.kind, num_virtual_tokens) of a registration key."""
         with self._lock:
             entry = self._entries[key]

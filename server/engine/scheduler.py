@@ -32,7 +32,7 @@ One engine step reads:
 
 Invariants the engine can rely on: every running sequence is scheduled in every step (the token
 budget is at least `max_num_seqs`, and only the last admitted sequence can be mid-prefill), so the
-adapters of a step are exactly `running_adapters()`, at most `max_adapters` of them; `scheduled` is
+adapters of a step are exactly those of `running`, at most `max_adapters` of them; `scheduled` is
 in running order then admission order, deterministic for the same inputs.
 """
 
@@ -42,9 +42,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from loraplex.server.block_manager import BlockManager
+from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted
-from loraplex.server.sequence import Sequence, SequenceStatus
+from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 _BLOCKS = "blocks"
 _ADAPTERS = "adapter slots"
@@ -131,7 +131,7 @@ class Scheduler:
         """Not running, in queue order: arrival order, preempted sequences moved to the front."""
         self.running: list[Sequence] = []
         """In admission order; the last one is the next preemption victim."""
-        self.num_preemptions_total = 0
+        self.num_preemptions = 0
         """Preemptions since start (a counter for the metrics layer)."""
         self._seqs: dict[int, Sequence] = {}
         self._adapter_refs: dict[str, int] = {}  # adapter id -> running sequences using it
@@ -150,10 +150,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
-
-    def running_adapters(self) -> set[str]:
-        """Distinct adapters of running sequences (never None): the ones the engine keeps pinned."""
-        return set(self._adapter_refs)
 
     def check_admissible(
         self, num_prompt_tokens: int, max_new_tokens: int, num_virtual_tokens: int = 0
@@ -217,7 +213,7 @@ class Scheduler:
     def schedule(self, adapter_ready: Callable[[str | None], bool]) -> SchedulerOutput:
         """Choose this step's work (see the module docstring).
 
-        `adapter_ready(adapter_id)` says whether a waiting sequence's adapter can be used in a step
+        `adapter_ready(adapter_key)` says whether a waiting sequence's adapter can be used in a step
         now; it is called at most once per adapter per step, never for None (the base model), and
         may start a background load when it answers False. It must eventually answer True for the
         adapter of every waiting sequence, or the engine must abort that sequence: a starving
@@ -301,7 +297,7 @@ class Scheduler:
             if len(self.running) >= cfg.max_num_seqs or budget == 0 or _BLOCKS in held:
                 break
             seq = self.waiting.popleft()
-            adapter = seq.adapter_id
+            adapter = seq.adapter_key
             starving = self._bypassed.get(seq.seq_id, 0) >= cfg.max_bypass_steps
             new_adapter = adapter is not None and adapter not in self._adapter_refs
 
@@ -376,7 +372,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.num_preemptions_total += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)  # victims go youngest first, so the oldest ends up in front
 
     def _remove(self, seq: Sequence) -> None:
@@ -391,12 +387,12 @@ class Scheduler:
         self._bypassed.pop(seq.seq_id, None)
 
     def _release_adapter(self, seq: Sequence) -> None:
-        if seq.adapter_id is not None:
-            left = self._adapter_refs[seq.adapter_id] - 1
+        if seq.adapter_key is not None:
+            left = self._adapter_refs[seq.adapter_key] - 1
             if left:
-                self._adapter_refs[seq.adapter_id] = left
+                self._adapter_refs[seq.adapter_key] = left
             else:
-                del self._adapter_refs[seq.adapter_id]
+                del self._adapter_refs[seq.adapter_key]
 
 
 def _scheduled(seq: Sequence, n: int) -> ScheduledSequence:

@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraplex.server.bench_workload import ALL_PROJECTIONS, ModelShape
+from loraplex.server.bench.workload import ALL_PROJECTIONS, ModelShape
 from loraplex.server.errors import UserError
 
 
@@ -57,7 +57,7 @@ class ScaleConfig:
 
 
 def prepare(config: ScaleConfig, workdir: Path, log) -> tuple[Path, dict[str, Path]]:
-    from loraplex.server.bench_workload import build_adapters, build_model
+    from loraplex.server.bench.workload import build_adapters, build_model
 
     root = workdir / "scale"
     spec = {"shape": asdict(config.shape), "adapters": config.num_adapters, "rank": config.rank, "seed": config.seed}
@@ -77,8 +77,8 @@ def prepare(config: ScaleConfig, workdir: Path, log) -> tuple[Path, dict[str, Pa
 
 def make_engine(config: ScaleConfig, model_dir: Path, slots: int, host: int):
     from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-    from loraplex.server.engine import LLMEngine
-    from loraplex.server.scheduler import SchedulerConfig
+    from loraplex.server.engine.engine import LLMEngine
+    from loraplex.server.engine.scheduler import SchedulerConfig
 
     per_request = config.prompt_len + config.new_tokens
     return LLMEngine(EngineConfig(
@@ -92,9 +92,9 @@ def make_engine(config: ScaleConfig, model_dir: Path, slots: int, host: int):
 
 
 def run_scale(config: ScaleConfig, workdir: Path, log) -> dict:
-    from loraplex.server.bench_measure import median_ratio, now, percentile, round_orders, summarize
-    from loraplex.server.bench_systems import LoraplexSystem
-    from loraplex.server.bench_workload import draw_adapters, random_prompts
+    from loraplex.server.bench.measure import median_ratio, now, percentile, round_orders, summarize
+    from loraplex.server.bench.systems import LoraplexSystem
+    from loraplex.server.bench.workload import draw_adapters, random_prompts
 
     model_dir, adapters = prepare(config, workdir, log)
     ids = list(adapters)

@@ -32,7 +32,7 @@ import torch
 from loraplex.server.errors import FailedPrecondition
 
 if TYPE_CHECKING:
-    from loraplex.server.adapter_loader import BaseModelSpec
+    from loraplex.server.adapters.loader import BaseModelSpec
 
 MAX_CONFIG_BYTES = 1 << 20
 """A peft config is a few kB; anything larger is not one."""

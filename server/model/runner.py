@@ -17,13 +17,14 @@ import torch
 
 from loraplex.kernels import devices
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.server import attention
-from loraplex.server.adapter_loader import AdapterWeights, BaseModelSpec
+from loraplex.server.model import attention
+from loraplex.server.adapters.kind import AdapterKind
+from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
-from loraplex.server.decoder import DecoderForward
+from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.errors import UserError
-from loraplex.server.lora import LoRAStepContext, linear_features, wrap_model
-from loraplex.server.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
+from loraplex.server.adapters.lora import LoRAStepContext, linear_features, wrap_model
+from loraplex.server.model.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class ModelRunner:
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
                                      self.lora_context, adapter_dtype=self.adapter_dtype)
         self.decoder = DecoderForward.create(self.model)
-        """The lean forward for Llama-shaped models (server/decoder.py); None: the transformers forward."""
+        """The lean forward for Llama-shaped models (server/model/decoder.py); None: the transformers forward."""
         self.base_spec = BaseModelSpec(
             targets={path: linear_features(module.base) for path, module in self.lora_table.items()},
             hidden_size=hf.hidden_size,
@@ -120,7 +121,7 @@ class ModelRunner:
             base_weight=self._base_weight,
             bias=lambda path: getattr(self.lora_table[path].base, "bias", None),
         )
-        self.slot_kinds: list[str | None] = [None] * self.num_slots
+        self.slot_kinds: list[AdapterKind | None] = [None] * self.num_slots
         self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
 
         block_size = config.cache.block_size
@@ -323,10 +324,10 @@ class ModelRunner:
 
     def _begin_adapters(self, token_slots: list[int]) -> None:
         kinds = {self.slot_kinds[slot] for slot in set(token_slots) if slot >= 0} - {None}
-        if not kinds & {"lora", "dora", "ia3"}:
+        if not kinds & {AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3}:
             self.lora_context.begin(None)
             return
         rows = None  # per-token vector rows: only DoRA and IA3 read them
-        if kinds & {"dora", "ia3"}:
+        if kinds & {AdapterKind.DORA, AdapterKind.IA3}:
             rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
         self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable
 
-from loraplex.server.sequence import Sequence
+from loraplex.server.engine.sequence import Sequence
 
 
 class BlockAllocationError(RuntimeError):
