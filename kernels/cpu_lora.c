@@ -101,7 +101,7 @@ static inline void vstore_n(float *p, vpanel v, int n)
 
 /* ------------------------------------------------------------------------------------------------
  * The base projections' GEMM, y[M, N] = x[M, K] @ W^T + bias, float32, for the fused groups of a
- * float32 CPU model (server/lora.py). W is kept in panels of PANEL output columns,
+ * float32 CPU model (server/adapters/lora.py). W is kept in panels of PANEL output columns,
  *
  *     Wp[p][k][c] = W[p * PANEL + c][k]     P = ceil(N / PANEL) rounded up to even, zero beyond N
  *
@@ -200,7 +200,7 @@ int loraplex_linear_f32(const float *x, int64_t ldx, const float *Wp, const floa
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Decode attention over the paged KV cache (server/attention.py's DecodeBatch), float32: one query
+ * Decode attention over the paged KV cache (server/model/attention.py's DecodeBatch), float32: one query
  * per sequence, every head, straight from the cache blocks (no gathered copy of the context):
  *
  *     out[b, h] = softmax_t(scale * q[b, h] . k[slot(b, t), h / G]) @ v[slot(b, t), h / G]
@@ -280,7 +280,7 @@ int loraplex_decode_attention_f32(const float *q, const int64_t *q_rows, int64_t
 }
 
 /* ------------------------------------------------------------------------------------------------
- * The element-wise steps of a Llama-shaped decoder layer (server/decoder.py), float32, one call each
+ * The element-wise steps of a Llama-shaped decoder layer (server/model/decoder.py), float32, one call each
  * instead of the 4-10 torch operations they take there:
  *
  *   add_rms_norm   h[r] += d[r] (d may be NULL), then out[r] = w * (h[r] / sqrt(mean(h[r]^2) + eps))
