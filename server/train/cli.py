@@ -84,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument(
         "--eval-data", type=Path, metavar="FILE", help="held-out data; its loss is reported before and after"
     )
-    loop.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    loop.add_argument("--device", default="auto", metavar="DEVICE",
+                      help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     loop.add_argument("--overwrite", action="store_true", help="replace the adapter in a non-empty --out")
     loop.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)

@@ -9,6 +9,7 @@ underscores.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for adapter initialisation, dropout and data order."""
     device: str = "auto"
-    """"auto" (CUDA when available), "cpu" or "cuda"."""
+    """"auto" (CUDA when available), "cpu", "cuda" (the current CUDA device) or "cuda:N"."""
     overwrite: bool = False
     """Replace the adapter files in a non-empty `out`."""
     quiet: bool = False
@@ -154,8 +155,8 @@ class TrainConfig:
             raise UserError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.max_length < 2:
             raise UserError(f"--max-length must be at least 2 tokens, got {self.max_length}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.adalora_target_rank > self.adalora_init_rank:
             raise UserError(
                 f"--adalora-target-r ({self.adalora_target_rank}) must not exceed "

@@ -196,11 +196,18 @@ def _check_paths(config: TrainConfig) -> None:
 def _pick_device(choice: str) -> Any:
     import torch
 
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
+    from loraplex.kernels.devices import make_current, normalize
+
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {choice}, but no CUDA device is available")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
+    device = normalize(choice)
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {choice}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        make_current(device)  # peft/bitsandbytes place new tensors on the current device
+    return device
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -224,7 +231,7 @@ def _load_model(config: TrainConfig, device: Any) -> tuple[Any, str]:
     if config.method == "qlora":
         kwargs["quantization_config"] = bnb_config("nf4", dtype)
         # bitsandbytes quantizes while placing the weights, so the device is chosen at load time.
-        kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
+        kwargs["device_map"] = {"": device.index if on_cuda else "cpu"}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # ours is the only progress bar
     try:

@@ -249,6 +249,14 @@ def test_ia3_feedforward_module_not_adapted(capsys, base_args):
 def test_cuda_requested_without_cuda(capsys, base_args):
     args = [*base_args, "--method", "lora", "--device", "cuda"]
     assert_user_error(capsys, args, "--device cuda, but no CUDA device is available")
+    args = [*base_args, "--method", "lora", "--device", "cuda:1"]
+    assert_user_error(capsys, args, "--device cuda:1, but no CUDA device is available")
+
+
+def test_device_spelling_is_checked(capsys, base_args):
+    for device in ("gpu", "cuda:", "cuda:x", "cpu:0"):
+        args = [*base_args, "--method", "lora", "--device", device]
+        assert_user_error(capsys, args, f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
 
 
 def test_argparse_rejects_unknown_method_and_non_numbers(capsys, base_args):
