@@ -6,9 +6,9 @@ See ``ops`` for the semantics, ``meta`` for the layout and ``backend`` for the p
 (``triton/``: the CUDA kernels; ``cpu/``: the C kernels). Triton is imported only when used.
 """
 
-from .backend import Backend, select
+from .backend import BACKEND_ENV, Backend, select
 from .meta import LoRAMeta
-from .ops import BACKEND_ENV, lora_apply, lora_expand, lora_shrink, select_backend
+from .ops import lora_apply, lora_expand, lora_shrink, select_backend
 from .reference import expand_reference, shrink_reference
 
 __all__ = [

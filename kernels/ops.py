@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from . import reference, torch_ops
-from .backend import BACKEND_ENV, LORA_OPS, Pool, forced_lora_op, select
+from .backend import LORA_OPS, Pool, forced_lora_op, select
 from .checks import resolve_slices
 from .meta import LoRAMeta
 

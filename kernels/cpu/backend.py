@@ -74,7 +74,8 @@ class TorchCPUBackend(Backend):
 
 
 class CPUStep:
-    """One step's layout for `CPUBackend.lora_apply`: the C kernel's arguments, or None for torch."""
+    """One step's layout for `CPUBackend.lora_apply`: the meta (torch path), the C kernel's arguments and
+    the longest segment (which of the two runs the step)."""
 
     __slots__ = ("meta", "native_args", "longest")
 
@@ -106,10 +107,10 @@ class CPUBackend(TorchCPUBackend):
                    step: CPUStep, v: torch.Tensor | None = None) -> torch.Tensor:
         # bfloat16 pools with float32 activations: only the C kernel takes them
         in_c = self.lora_op == "native" and (pool.a.dtype != x.dtype or step.longest <= NATIVE_MAX_SEGMENT)
+        if in_c and prepared is None:  # loose tensors (ops.lora_apply): checked, and kept, per pool
+            return native.lora_apply(x, y, pool.a, pool.b_t, pool.ranks, pool.scale, step.meta, pool.slice_offsets,
+                                     pool.slice_widths)
         if in_c:
-            if prepared is None:
-                prepared = native.cached_pool(pool.a, pool.b_t, pool.ranks, pool.scale, y.shape[1],
-                                              pool.slice_offsets, pool.slice_widths)
             return native.apply_prepared(x, y, prepared, step.native_args)
         lora_op = "torch" if self.lora_op == "native" else self.lora_op
         return run_lora_op(lora_op, x, y, pool, step.meta, v, self.plans)
@@ -118,7 +119,9 @@ class CPUBackend(TorchCPUBackend):
                      norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return h, native.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, torch.empty_like(h))
 
-    def rope_store(self, q, k, v, cos, sin, k_cache, v_cache, slots):
+    def rope_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native.rope_store(q, k, v, cos, sin, k_cache, v_cache, slots)
         return q, k
 

@@ -314,7 +314,7 @@ def prepare_pool(A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scalin
 _checked: dict[tuple, PreparedPool] = {}
 
 
-def cached_pool(A, B_t, ranks, scalings, out_total, slice_offsets, slice_widths) -> PreparedPool:
+def _cached_pool(A, B_t, ranks, scalings, out_total, slice_offsets, slice_widths) -> PreparedPool:
     key = (id(A), id(B_t), id(ranks), id(scalings), A.data_ptr(), B_t.data_ptr(), ranks.data_ptr(),
            scalings.data_ptr(), out_total, None if slice_offsets is None else tuple(slice_offsets),
            None if slice_widths is None else tuple(slice_widths))
@@ -377,7 +377,7 @@ def lora_apply(
     check_tensor("x", x, 2, (torch.float32,))
     check_tensor("y", y, 2, (torch.float32,))
     check_dim("A", A, 3, x.shape[1], "x's in_features")
-    pool = cached_pool(A, B_t, ranks, scalings, y.shape[1], slice_offsets, slice_widths)
+    pool = _cached_pool(A, B_t, ranks, scalings, y.shape[1], slice_offsets, slice_widths)
     return apply_prepared(x, y, pool, meta_args(meta))
 
 

@@ -54,7 +54,7 @@ def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
     _spy(monkeypatch, expand, "triton_expand", calls)
     _spy(monkeypatch, reference, "shrink_reference", calls)
     _spy(monkeypatch, reference, "expand_reference", calls)
-    _spy(monkeypatch, native, "apply_prepared", calls)
+    _spy(monkeypatch, native, "lora_apply", calls)
 
     p, _ = layout(make_problem(20, 96, 3, "no_adapter", torch.float32, seed=5), contiguous=True)
     meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu", max_slices=3, max_rank=p.A.shape[2])
@@ -63,7 +63,7 @@ def test_lora_apply_routes_and_matches_reference(monkeypatch, backend):
     out = K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
     assert out is y
 
-    expected = {None: ["apply_prepared"], "native": ["apply_prepared"], "torch": ["torch_shrink", "torch_expand"],
+    expected = {None: ["lora_apply"], "native": ["lora_apply"], "torch": ["torch_shrink", "torch_expand"],
                 "triton": ["triton_shrink", "triton_expand"],
                 "reference": ["shrink_reference", "expand_reference"]}[backend]
     assert calls == expected

@@ -66,8 +66,8 @@ def test_strided_output_and_input_rows():
 
 def test_lora_apply_picks_native_for_short_segments_only(monkeypatch):
     calls: list[str] = []
-    real = native.apply_prepared
-    monkeypatch.setattr(native, "apply_prepared", lambda *a, **k: calls.append("native") or real(*a, **k))
+    real = native.lora_apply
+    monkeypatch.setattr(native, "lora_apply", lambda *a, **k: calls.append("native") or real(*a, **k))
     for T, mix, expected in ((12, "distinct", ["native"]), (cpu_backend.NATIVE_MAX_SEGMENT + 1, "identical", [])):
         calls.clear()
         p, _ = layout(make_problem(T, 64, 2, mix, torch.float32, seed=2), contiguous=True)
