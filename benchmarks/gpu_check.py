@@ -425,7 +425,8 @@ def weight_bytes(runner) -> int:
     """Bytes of the model's resident weights (views of one fused weight counted once)."""
     storages = {}
     tensors = list(runner.model.parameters())
-    tensors += [t for m in runner.lora_table.values() for t in (m.group.panels, m.group.packed) if t is not None]
+    tensors += [t for m in runner.lora_table.values() if m.group.fused
+                for t in (m.group.projection.weight, m.group.projection.bias) if t is not None]
     for t in tensors:
         try:
             storage = t.untyped_storage()

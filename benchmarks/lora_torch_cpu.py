@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/lora_torch_cpu.py [--quick]
 
-Times shrink + expand (one module, h_in = h_out = hidden, rank r, float32) for both strategies of
-``loraplex.kernels.torch_ops`` side by side in one run, at decode sizes (T = 16..64 tokens over
+Times shrink + expand (one module, h_in = h_out = hidden, rank r, float32) for the segment loop of
+``loraplex.kernels.torch_ops`` and the gather strategy below side by side in one run, at decode sizes (T = 16..64 tokens over
 4-16 adapters) and prefill sizes, tokens laid out contiguously by slot as the engine does.
 Prints a markdown table; ratio > 1 means the segment loop is faster.
 """
@@ -17,6 +17,42 @@ import torch
 
 from loraplex.kernels import torch_ops
 from loraplex.kernels.meta import LoRAMeta
+
+
+def gather_shrink(x, A, ranks, meta, out):
+    """Every token's weights gathered, rank padding zeroed, one batched matmul per slice."""
+    num_slices, _, R, _ = A.shape
+    slots = meta.slots.long()
+    has = slots >= 0
+    sc = slots.clamp(min=0)
+    cols = torch.arange(R, device=x.device)
+    for i in range(num_slices):
+        keep = (cols < ranks[i].long()[sc].unsqueeze(1)) & has.unsqueeze(1)
+        # Zero the gathered rank padding: a matmul may mix a NaN row into the others (CPU bf16 does).
+        w = torch.where(keep.unsqueeze(2), A[i].index_select(0, sc), 0.0)   # [T, R, in]
+        res = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)       # [T, R]
+        out[i] = torch.where(keep, res.float(), 0.0)
+    return out
+
+
+def gather_expand(v, B_t, ranks, scalings, meta, y, offsets, widths):
+    slots = meta.slots.long()
+    has = slots >= 0
+    sc = slots.clamp(min=0)
+    cols = torch.arange(v.shape[2], device=y.device)
+    w_all = B_t.index_select(0, sc)                           # [T, R, out_total]
+    for i, (off, w) in enumerate(zip(offsets, widths)):
+        r_t = ranks[i].long()[sc]
+        keep = (cols < r_t.unsqueeze(1)) & has.unsqueeze(1)
+        vs = torch.where(keep, v[i].float(), 0.0).to(B_t.dtype)
+        # Zero the gathered rank padding too: 0 · (whatever the pool holds there) must stay 0.
+        b = torch.where(keep.unsqueeze(2), w_all[:, :, off:off + w], 0.0)
+        delta = torch.bmm(vs.unsqueeze(1), b).squeeze(1)      # [T, w]
+        s = torch.where(has & (r_t > 0), scalings[i][sc], 0.0).unsqueeze(1)
+        ys = y[:, off:off + w]
+        touched = (has & (r_t > 0)).unsqueeze(1)
+        ys.copy_(torch.where(touched, (ys.float() + s * delta.float()).to(y.dtype), ys))
+    return y
 
 
 def _time(fn, reps: int) -> float:
@@ -42,14 +78,19 @@ def run_case(T: int, n_adapters: int, hidden: int, rank: int, num_slices: int, r
     y = torch.zeros(T, num_slices * hidden)
     v = torch.empty(num_slices, T, rank)
 
-    def apply(strategy):
-        def fn():
-            torch_ops.torch_shrink(x, A, ranks, meta, out=v, strategy=strategy)
-            torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, strategy=strategy)
-        return fn
+    plans = torch_ops.PlanCache()
 
-    seg = _time(apply("segment"), reps)
-    gat = _time(apply("gather"), reps)
+    def segment():
+        torch_ops.torch_shrink(x, A, ranks, meta, out=v, plans=plans)
+        torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, plans=plans)
+
+    def gather():
+        gather_shrink(x, A, ranks, meta, v)
+        gather_expand(v, B_t, ranks, scalings, meta, y, tuple(range(0, num_slices * hidden, hidden)),
+                      (hidden,) * num_slices)
+
+    seg = _time(segment, reps)
+    gat = _time(gather, reps)
     return dict(T=T, adapters=n_adapters, hidden=hidden, rank=rank, slices=num_slices,
                 segment_us=seg * 1e6, gather_us=gat * 1e6)
 

@@ -1,7 +1,7 @@
-"""Regenerate the block-size table in kernels/configs.py by timing candidates at the benchmark shapes.
+"""Regenerate the block-size table in kernels/triton/configs.py by timing candidates at the benchmark shapes.
 
     python benchmarks/tune_lora_kernels.py            # on a CUDA machine: print the new table (~5-10 min on an H100)
-    python benchmarks/tune_lora_kernels.py --write    # ... and rewrite kernels/configs.py between its markers
+    python benchmarks/tune_lora_kernels.py --write    # ... and rewrite kernels/triton/configs.py between its markers
     python benchmarks/tune_lora_kernels.py --quick    # a smaller search (~2 min)
     python benchmarks/tune_lora_kernels.py --smoke    # tiny shapes and search on CPU, interpreted (checks the script)
 
@@ -29,12 +29,12 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 import torch  # noqa: E402
 
 from lora_common import CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, contiguous_slots, make_pools, timer  # noqa: E402
-from loraplex.kernels import configs  # noqa: E402
-from loraplex.kernels.expand import triton_expand  # noqa: E402
+from loraplex.kernels.triton import configs  # noqa: E402
+from loraplex.kernels.triton.expand import triton_expand  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402
-from loraplex.kernels.shrink import triton_shrink  # noqa: E402
+from loraplex.kernels.triton.shrink import triton_shrink  # noqa: E402
 
-CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "configs.py"
+CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "configs.py"
 BEGIN = "# --- BEGIN TUNED TABLE"
 END = "# --- END TUNED TABLE ---"
 

@@ -1,21 +1,25 @@
-"""LoRA kernels: segmented-gather shrink/expand over stacked adapter pools (Triton on CUDA, torch elsewhere).
+"""LoRA kernels: segmented-gather shrink/expand over stacked adapter pools, one backend per platform.
 
 Per step:   meta.update(token_slots)                        (LoRAMeta.allocate once, at start-up)
 Per module: lora_apply(x, y, A, B_t, ranks, scalings, meta, slice_offsets, slice_widths)
-See ``ops`` for the semantics and ``meta`` for the layout. Triton is imported only when used.
+See ``ops`` for the semantics, ``meta`` for the layout and ``backend`` for the per-platform backends
+(``triton/``: the CUDA kernels; ``cpu/``: the C kernels). Triton is imported only when used.
 """
 
+from .backend import BACKEND_ENV, Backend, select
 from .meta import LoRAMeta
-from .ops import BACKEND_ENV, lora_apply, lora_expand, lora_shrink, select_backend
+from .ops import lora_apply, lora_expand, lora_shrink, select_backend
 from .reference import expand_reference, shrink_reference
 
 __all__ = [
     "BACKEND_ENV",
+    "Backend",
     "LoRAMeta",
     "expand_reference",
     "lora_apply",
     "lora_expand",
     "lora_shrink",
+    "select",
     "select_backend",
     "shrink_reference",
 ]

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from . import configs, devices
+from . import devices
+from .triton import configs
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -1,15 +1,11 @@
-"""LoRA shrink/expand dispatch: Triton on CUDA, the C kernel or the torch segment loop on CPU.
+"""The LoRA op as functions of loose tensors (kernel tests, benchmarks): each call picks its backend
+(``backend.select``) from the tensors; the model layer holds one backend instead, chosen at start-up.
 
-    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces a backend (read on every call; the
-                                                          engine's layers read it once per step)
+    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces the LoRA op (read on every call)
 
-``native`` is the C kernel of ``native.py``: CPU ``lora_apply`` only (shrink and expand of a group in
-one call), float32 activations with float32 or bfloat16 pools. Unforced, ``lora_apply`` on CPU
-float32 uses it for steps whose segments are all at most ``NATIVE_MAX_SEGMENT`` tokens (decode: one
-matrix-vector product per adapter, read at memory bandwidth; prefill chunks) and the torch segment
-path for longer segments (long prefills, where torch's matmul is a well-tuned GEMM); bfloat16 pools
-(``--adapter-dtype bfloat16``) always take the C kernel. ``lora_shrink``/``lora_expand`` on CPU
-always use the torch path.
+``native`` is the C kernel (``kernels/cpu/``): ``lora_apply`` only (shrink and expand of a group in one
+call), CPU float32 activations with float32 or bfloat16 pools; unforced, CPU float32 steps take it as
+``kernels/cpu/backend.py`` says. ``lora_shrink``/``lora_expand`` on CPU always use the torch path.
 
 Semantics (all backends; r = ranks[i, a], a = slot of token t, −1 = no adapter):
 
@@ -31,62 +27,22 @@ can be captured in a CUDA graph; ``meta.update`` runs before capture/replay, out
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
-from . import native, reference, torch_ops
+from . import reference, torch_ops
+from .backend import LORA_OPS, Pool, forced_lora_op, select
+from .checks import resolve_slices
 from .meta import LoRAMeta
 
-BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
-BACKENDS = ("triton", "native", "torch", "reference")
-# Longest segment (tokens of one adapter in a step) that the unforced CPU float32 lora_apply gives to
-# the C kernel; longer ones go to torch's matmul, which is the better GEMM from there on
-# (docs/benchmarks.md has the numbers).
-NATIVE_MAX_SEGMENT = 128
-
-
-def _forced_backend() -> str:
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
-    return forced
+BACKENDS = LORA_OPS
 
 
 def select_backend(device: torch.device) -> str:
     """``$LORAPLEX_LORA_BACKEND`` if set, else "triton" for CUDA tensors and "torch" otherwise
     (``lora_apply`` may still pick "native" on CPU, see the module doc)."""
-    return _forced_backend() or ("triton" if device.type == "cuda" else "torch")
-
-
-def _max_segment(meta: LoRAMeta) -> int:
-    """Longest segment of this step (cached on meta for its current segment list)."""
-    segments = meta.segments
-    cached = meta.__dict__.get("_max_segment")
-    if cached is not None and cached[0] is segments:
-        return cached[1]
-    longest = max((length for _, _, length in segments), default=0)
-    meta.__dict__["_max_segment"] = (segments, longest)
-    return longest
-
-
-def apply_backend(x, y, A, B_t, meta) -> str:
-    """The backend `lora_apply` runs for these tensors and this step's layout."""
-    forced = _forced_backend()
-    if forced == "native":
-        if not native.supports(x, y, A, B_t):
-            raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {x.dtype} on {x.device}")
-        return "native"
-    if forced:
-        return forced
-    if y.device.type == "cuda":
-        return "triton"
-    if meta.segments is not None and native.supports(x, y, A, B_t) and native.available():
-        # bfloat16 pools with float32 activations: only the C kernel takes them
-        if A.dtype != x.dtype or _max_segment(meta) <= NATIVE_MAX_SEGMENT:
-            return "native"
-    return "torch"
+    return forced_lora_op() or ("triton" if device.type == "cuda" else "torch")
 
 
 def lora_shrink(
@@ -99,11 +55,11 @@ def lora_shrink(
     """v = shrink(x); returns ``out`` (allocated when None)."""
     backend = select_backend(x.device)
     if backend == "triton":
-        from .shrink import triton_shrink
+        from .triton.shrink import triton_shrink
         return triton_shrink(x, A, ranks, meta, out=out)
     if backend in ("torch", "native"):  # native fuses whole groups only (lora_apply)
         return torch_ops.torch_shrink(x, A, ranks, meta, out=out)
-    torch_ops._check_shrink(x, A, ranks, meta, out)
+    torch_ops.check_shrink(x, A, ranks, meta, out)
     return reference.shrink_reference(x, A, ranks, meta.slots, out=out)
 
 
@@ -120,12 +76,11 @@ def lora_expand(
     """y += expand(v), in place; returns y."""
     backend = select_backend(y.device)
     if backend == "triton":
-        from .expand import triton_expand
+        from .triton.expand import triton_expand
         return triton_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
     if backend in ("torch", "native"):
         return torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
-    from .checks import resolve_slices
-    torch_ops._check_expand(v, B_t, ranks, scalings, meta, y)
+    torch_ops.check_expand(v, B_t, ranks, scalings, meta, y)
     offsets, widths = resolve_slices(v.shape[0], y.shape[1], slice_offsets, slice_widths)
     return reference.expand_reference(v, B_t, ranks, scalings, meta.slots, y, offsets, widths)
 
@@ -143,9 +98,6 @@ def lora_apply(
     v: torch.Tensor | None = None,  # scratch [num_slices, T, max_rank] fp32; default meta.workspace(...)
 ) -> torch.Tensor:
     """y += LoRA(x) for every token's adapter: shrink then expand. Returns y."""
-    if apply_backend(x, y, A, B_t, meta) == "native":
-        return native.lora_apply(x, y, A, B_t, ranks, scalings, meta, slice_offsets, slice_widths)
-    if v is None:
-        v = meta.workspace(A.shape[0], A.shape[2])
-    lora_shrink(x, A, ranks, meta, out=v)
-    return lora_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
+    backend = select(y.device, x.dtype, A.dtype if A.dtype != x.dtype and x.device.type == "cpu" else None)
+    pool = Pool(A, B_t, ranks, scalings, y.shape[1], slice_offsets, slice_widths)
+    return backend.lora_apply(x, y, pool, None, backend.begin_step(meta), v)

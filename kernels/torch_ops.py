@@ -1,18 +1,12 @@
 """Fast torch path for shrink and expand (CPU serving; any device when forced).
 
-Same semantics and argument checks as the Triton launchers (see ``ops``). Two strategies:
-
-- ``segment``: one matmul per (segment, slice) over the segment's rows, sliced to the slot's own
-  rank: reads r rows of A and B per adapter, never the padding. Uses ``meta.segments`` (host copy,
-  on CPU); on other devices the segment list is read back once per call (a device sync).
-- ``gather``: gathers every token's weights (``A[:, slot_t]``, ``B_t[slot_t]``), zeroes the gathered
-  rank padding and runs one batched matmul per slice.
-
-``STRATEGY`` picks one. The segment loop wins at every size benchmarks/lora_torch_cpu.py tries
-(docs/benchmarks.md): gather copies every token's weights, and the loop's weak spot, many 1-token
-segments (one matmul call each), is covered by the batching below.
-
-The segment strategy covers its weak spot by batching, always at each adapter's own rank:
+Same semantics and argument checks as the Triton launchers (see ``ops``): one matmul per (segment,
+slice) over the segment's rows, sliced to the slot's own rank, so it reads r rows of A and B per
+adapter, never the padding. Uses ``meta.segments`` (host copy, on CPU); on other devices the segment
+list is read back once per call (a device sync). It beats gathering every token's weights for one
+batched matmul at every size benchmarks/lora_torch_cpu.py tries (docs/benchmarks.md); its weak spot,
+many 1-token segments (one matmul call each), is covered by batching, always at each adapter's own
+rank:
 
 - decode-like segments (at most ``PAD_MAX_LEN`` tokens) with equal ranks in consecutive slots run as
   one ``bmm`` per slice over a view of the pools, each segment padded to the run's longest (padding
@@ -26,8 +20,8 @@ weights and drop the rows, which grows with the number of slots and gains nothin
 (``loraplex bench``, docs/benchmarks.md).
 
 A decode step over 16 adapters then costs one shrink and one expand ``bmm`` per slice instead of
-16 matmuls each. The grouping is computed once per (step layout, ranks, scalings) and cached on the
-``LoRAMeta``.
+16 matmuls each. The grouping is computed once per (step layout, ranks, scalings) and kept in the
+caller's ``PlanCache`` (the backend's), when one is given.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ import torch
 from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_slices
 from .meta import LoRAMeta
 
-STRATEGY = "segment"
 # Segments up to this long are padded to their run's longest and batched (decode steps: 1 token per
 # sequence, a few per popular adapter).
 PAD_MAX_LEN = 8
@@ -91,15 +84,20 @@ class _Plan:
     looped: list[_Loop]
 
 
-# Plans are kept on the LoRAMeta (as _torch_plans) and reused while the step layout and the pool's
-# ranks/scalings are unchanged (decode steps repeat the same layout); at most this many are kept.
-_PLAN_CACHE_SIZE = 512
+class PlanCache:
+    """Plans reused while the step layout and the pool's ranks/scalings are unchanged (decode steps
+    repeat the same layout); at most ``size`` are kept."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.entries: dict[tuple, tuple] = {}
 
 
-def _plan(meta: LoRAMeta, ranks: torch.Tensor, scalings: torch.Tensor | None = None) -> _Plan:
+def _plan(meta: LoRAMeta, ranks: torch.Tensor, scalings: torch.Tensor | None = None,
+          plans: PlanCache | None = None) -> _Plan:
     """The batches and looped segments of this step for one pool's ranks (and scalings).
 
-    Cached on ``meta``. Keys use the tensors' identity and version counter (bumped by every in-place
+    Kept in ``plans`` when given. Keys use the tensors' identity and version counter (bumped by every in-place
     write, e.g. loading an adapter into a slot), so a hit costs no device read; the entry holds the
     tensors, so their ids cannot be reused while it lives. A contiguous layout is keyed by its
     segments' content, a permuted one by the segment list of this very update (its order differs).
@@ -108,14 +106,16 @@ def _plan(meta: LoRAMeta, ranks: torch.Tensor, scalings: torch.Tensor | None = N
     layout = (tuple(segments), True) if meta.contiguous else (id(segments), False)
     key = (layout, id(ranks), ranks._version,
            None if scalings is None else (id(scalings), scalings._version))
-    cache = meta.__dict__.setdefault("_torch_plans", {})
-    entry = cache.get(key)
+    if plans is None:
+        return _build_plan(meta, segments, ranks.tolist(), None if scalings is None else scalings.tolist())
+    key = (id(meta),) + key
+    entry = plans.entries.get(key)
     if entry is None:
-        if len(cache) >= _PLAN_CACHE_SIZE:
-            cache.clear()
+        if len(plans.entries) >= plans.size:
+            plans.entries.clear()
         plan = _build_plan(meta, segments, ranks.tolist(), None if scalings is None else scalings.tolist())
-        entry = cache[key] = (segments, ranks, scalings, plan)
-    return entry[3]
+        entry = plans.entries[key] = (meta, segments, ranks, scalings, plan)
+    return entry[4]
 
 
 def _build_plan(meta, segments, ranks_h, scalings_h) -> _Plan:
@@ -214,7 +214,7 @@ def _segments(meta: LoRAMeta) -> list[tuple[int, int, int]]:
     return list(zip(meta.seg_slot[:n].tolist(), meta.seg_start[:n].tolist(), meta.seg_len[:n].tolist()))
 
 
-def _check_shrink(x, A, ranks, meta, out):
+def check_shrink(x, A, ranks, meta, out):
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("A", A, 4)
     if A.dtype != x.dtype:
@@ -233,7 +233,7 @@ def _check_shrink(x, A, ranks, meta, out):
                              f"({num_slices}, {x.shape[0]}, {R})")
 
 
-def _check_expand(v, B_t, ranks, scalings, meta, y):
+def check_expand(v, B_t, ranks, scalings, meta, y):
     check_tensor("y", y, 2, FLOAT_DTYPES)
     check_tensor("B_t", B_t, 3)
     if B_t.dtype != y.dtype:
@@ -256,18 +256,16 @@ def torch_shrink(
     ranks: torch.Tensor,     # [num_slices, S] int32
     meta: LoRAMeta,
     out: torch.Tensor | None = None,  # [num_slices, T, max_rank] fp32
-    strategy: str | None = None,
+    plans: PlanCache | None = None,
 ) -> torch.Tensor:
-    _check_shrink(x, A, ranks, meta, out)
+    check_shrink(x, A, ranks, meta, out)
     num_slices, _, R, _ = A.shape
     T = x.shape[0]
     if out is None:
         out = torch.empty(num_slices, T, R, dtype=torch.float32, device=x.device)
     if T == 0 or R == 0:
         return out
-    if (strategy or STRATEGY) == "gather":
-        return _shrink_gather(x, A, ranks, meta, out)
-    plan = _plan(meta, ranks)
+    plan = _plan(meta, ranks, plans=plans)
     for batch in plan.batches:
         k, n, kn = batch.k, batch.n, batch.k * batch.n
         if batch.row_index is None:
@@ -322,16 +320,14 @@ def torch_expand(
     y: torch.Tensor,         # [T, out_total], updated in place
     slice_offsets: Sequence[int] | None = None,
     slice_widths: Sequence[int] | None = None,
-    strategy: str | None = None,
+    plans: PlanCache | None = None,
 ) -> torch.Tensor:
-    _check_expand(v, B_t, ranks, scalings, meta, y)
+    check_expand(v, B_t, ranks, scalings, meta, y)
     num_slices, T, R = v.shape
     offsets, widths = resolve_slices(num_slices, y.shape[1], slice_offsets, slice_widths)
     if T == 0 or R == 0:
         return y
-    if (strategy or STRATEGY) == "gather":
-        return _expand_gather(v, B_t, ranks, scalings, meta, y, offsets, widths)
-    plan = _plan(meta, ranks, scalings)
+    plan = _plan(meta, ranks, scalings, plans)
     same_dtype = v.dtype == B_t.dtype
     for batch in plan.batches:
         k, n, kn = batch.k, batch.n, batch.k * batch.n
@@ -380,39 +376,4 @@ def torch_expand(
             else:
                 vs = v[i].index_select(0, rows)[:, :r].to(b.dtype)
                 y[:, off:off + w].index_add_(0, rows, vs @ b, alpha=s)
-    return y
-
-
-def _shrink_gather(x, A, ranks, meta, out):
-    num_slices, _, R, _ = A.shape
-    slots = meta.slots.long()
-    has = slots >= 0
-    sc = slots.clamp(min=0)
-    cols = torch.arange(R, device=x.device)
-    for i in range(num_slices):
-        keep = (cols < ranks[i].long()[sc].unsqueeze(1)) & has.unsqueeze(1)
-        # Zero the gathered rank padding: a matmul may mix a NaN row into the others (CPU bf16 does).
-        w = torch.where(keep.unsqueeze(2), A[i].index_select(0, sc), 0.0)   # [T, R, in]
-        res = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)       # [T, R]
-        out[i] = torch.where(keep, res.float(), 0.0)
-    return out
-
-
-def _expand_gather(v, B_t, ranks, scalings, meta, y, offsets, widths):
-    slots = meta.slots.long()
-    has = slots >= 0
-    sc = slots.clamp(min=0)
-    cols = torch.arange(v.shape[2], device=y.device)
-    w_all = B_t.index_select(0, sc)                           # [T, R, out_total]
-    for i, (off, w) in enumerate(zip(offsets, widths)):
-        r_t = ranks[i].long()[sc]
-        keep = (cols < r_t.unsqueeze(1)) & has.unsqueeze(1)
-        vs = torch.where(keep, v[i].float(), 0.0).to(B_t.dtype)
-        # Zero the gathered rank padding too: 0 · (whatever the pool holds there) must stay 0.
-        b = torch.where(keep.unsqueeze(2), w_all[:, :, off:off + w], 0.0)
-        delta = torch.bmm(vs.unsqueeze(1), b).squeeze(1)      # [T, w]
-        s = torch.where(has & (r_t > 0), scalings[i][sc], 0.0).unsqueeze(1)
-        ys = y[:, off:off + w]
-        touched = (has & (r_t > 0)).unsqueeze(1)
-        ys.copy_(torch.where(touched, (ys.float() + s * delta.float()).to(y.dtype), ys))
     return y

@@ -86,7 +86,7 @@ def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
     if device.split(":")[0] != "cpu" or dtype != "float32":
         raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
                          f"{device} (on a GPU, serve the model itself in bfloat16)")
-    from loraplex.kernels import native
+    from loraplex.kernels.cpu import native
 
     if not native.available():
         raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "

@@ -10,15 +10,12 @@ decoder layer runs at most four shrink/expand pairs (qkv, o, gate_up, down):
     pool.ranks  [num_slices, num_slots] int32                    0: the adapter does not target it
     pool.scale  [num_slices, num_slots] float32
 
-Plain `nn.Linear` groups are fused at wrap time: the group owns one weight `[out_total, in]` and each
-projection's `weight` becomes a view of its rows, so nothing is stored twice. On CPU (float32) the
-fused weight is kept only in a GEMM's own layout, packed once: the C kernel's panels
-(`kernels/native.py`, `pack_weight`) where it builds, else oneDNN's blocked layout. A decode step
-reads every weight once for ~16 rows, and both read them faster than MKL's GEMM on the plain layout
-(docs/benchmarks.md); the projections then
-become `PackedProjection`s, whose `weight` is unpacked on demand (DoRA's norms at adapter load). The first projection
+Plain `nn.Linear` groups are fused at wrap time: the group owns one weight `[out_total, in]`, handed to
+the kernel backend (`kernels/backend.py`, chosen once by the model runner), which keeps it in whatever
+layout its GEMM reads fastest; each projection's base layer becomes a `GroupProjection` over it, whose
+`weight` is its rows (DoRA's norms at adapter load). The first projection
 of a group called in a step computes the whole group's output once, `y = x @ weightᵀ + bias`, adds
-every token's LoRA into it in place (`lora_apply`), and returns its columns as a view; its siblings
+every token's LoRA into it in place (`Backend.lora_apply`), and returns its columns as a view; its siblings
 take their columns of the same `y`. Compared with a zero-filled delta buffer added to each
 projection's own output, this saves a buffer and an add per projection. Other base layers (4-bit, 8-bit) run
 their own forward, and the group's LoRA delta is computed once into a buffer and added.
@@ -38,17 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels import native
+from loraplex.kernels.backend import Backend, Projection
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.ops import apply_backend, lora_apply
 from loraplex.server.adapters.kind import AdapterKind
 
-# oneDNN lays a packed weight out for GEMMs of about this many rows (a decode step's batch); any row
-# count works.
-PACK_ROWS_HINT = 16
 # Sibling projections that read the same input tensor; anything else is a group of its own.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 LINEAR_TYPES = (nn.Linear,)
@@ -71,6 +63,8 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 class LoRAStepContext:
     """What the LoRA layers read during one forward pass; owned by the model runner."""
 
+    backend: Backend
+    """The kernels of the model's platform, chosen once when the runner builds the model."""
     meta: LoRAMeta | None = None
     """This step's slot layout; None when no token of the step uses an adapter."""
     rows: torch.Tensor | None = None
@@ -80,10 +74,8 @@ class LoRAStepContext:
     has_ia3: bool = False
     cache: dict = field(default_factory=dict)
     """Per-step group outputs: id(group) -> (input tensor, output, projections yet to read it)."""
-    backends: dict = field(default_factory=dict)
-    """Per-step LoRA backend by (activation dtype, pool dtype): chosen by the step's first call."""
-    native_step: tuple | None = None
-    """This step's layout as the C kernel takes it (`native.meta_args`), set by the first C call."""
+    step: object | None = None
+    """This step's layout as the backend takes it (`Backend.begin_step`); None without meta."""
 
     def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[AdapterKind] = frozenset()) -> None:
         self.meta = meta
@@ -92,27 +84,15 @@ class LoRAStepContext:
         self.has_dora = AdapterKind.DORA in kinds
         self.has_ia3 = AdapterKind.IA3 in kinds
         self.cache.clear()
-        self.backends.clear()
-        self.native_step = None
+        self.step = None if meta is None else self.backend.begin_step(meta)
 
     def end(self) -> None:
         self.begin(None)
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, pool: LoRAPool) -> None:
-        """y += every token's LoRA for this step (`ops.lora_apply`). The backend is chosen once per
-        step and the C kernel takes the pool as checked at its first use: a decode step makes 4 calls
-        per layer, and dispatch and checks per call would cost more than a small step's LoRA."""
-        key = (x.dtype, pool.a.dtype)
-        backend = self.backends.get(key)
-        if backend is None:
-            backend = self.backends[key] = apply_backend(x, y, pool.a, pool.b_t, self.meta)
-        if backend == "native":
-            if self.native_step is None:
-                self.native_step = native.meta_args(self.meta)
-            native.apply_prepared(x, y, pool.prepared(), self.native_step)
-        else:
-            lora_apply(x, y, pool.a, pool.b_t, pool.ranks, pool.scale, self.meta, pool.slice_offsets,
-                       pool.slice_widths)
+        """y += every token's LoRA for this step, with the pool as the backend prepared it at wrap time:
+        a decode step makes 4 calls per layer, and checks per call would cost more than its LoRA."""
+        self.backend.lora_apply(x, y, pool, pool.prepared, self.step)
 
 
 class LoRAPool:
@@ -130,14 +110,8 @@ class LoRAPool:
         self.b_t = torch.zeros(num_slots, max_rank, self.out_total, dtype=dtype, device=device)
         self.ranks = torch.zeros(n, num_slots, dtype=torch.int32, device=device)
         self.scale = torch.zeros(n, num_slots, dtype=torch.float32, device=device)
-        self._prepared: native.PreparedPool | None = None
-
-    def prepared(self) -> native.PreparedPool:
-        """The pools as the C kernel takes them, checked on first use (they are only written in place)."""
-        if self._prepared is None:
-            self._prepared = native.prepare_pool(self.a, self.b_t, self.ranks, self.scale, self.out_total,
-                                                 self.slice_offsets, self.slice_widths)
-        return self._prepared
+        self.prepared: object | None = None
+        """What the backend keeps of the pool (`Backend.prepare_pool`): its tensors are written in place only."""
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b_t, self.ranks, self.scale))
@@ -164,21 +138,19 @@ class LoRAGroup:
         self.paths = paths
         self.pool = pool
         self.context = context
-        self.fused = False
-        """The projections' base weights are one [out_total, in] weight (plain nn.Linear groups)."""
-        self.weight: torch.Tensor | None = None
-        """The fused weight in the plain layout; None when it is only kept packed."""
-        self.packed: torch.Tensor | None = None
-        """The fused weight prepacked for oneDNN (CPU, float32, without the C kernel)."""
-        self.panels: torch.Tensor | None = None
-        """The fused weight in the C kernel's panel layout (CPU, float32)."""
-        self.bias: torch.Tensor | None = None
+        self.projection: Projection | None = None
+        """The projections' base weights as one [out_total, in] weight in the backend's layout (plain
+        nn.Linear groups); None: each projection runs its own base layer."""
         self.has_ia3_in = False
         """Some projection of the group holds IA3 input vectors: its input differs, no fused output."""
 
+    @property
+    def fused(self) -> bool:
+        return self.projection is not None
+
     def fuse(self, linears: list[nn.Linear]) -> list[nn.Module]:
-        """Move the projections' weights into one [out_total, in] tensor (packed for the C kernel or
-        oneDNN when it can be); returns the modules that stand for the projections' base layers now."""
+        """Move the projections' weights into one [out_total, in] weight held by the backend; returns the
+        modules that stand for the projections' base layers now."""
         first = linears[0].weight
         weight = torch.empty(self.pool.out_total, self.pool.in_features, dtype=first.dtype, device=first.device)
         with_bias = any(linear.bias is not None for linear in linears)
@@ -187,35 +159,9 @@ class LoRAGroup:
             weight[offset : offset + width].copy_(linear.weight.detach())
             if linear.bias is not None:
                 bias[offset : offset + width].copy_(linear.bias.detach())
-        self.fused, self.bias = True, bias
-        if native.takes_float32(weight):
-            self.panels = native.pack_weight(weight)
-        elif _can_pack(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
-        if self.panels is not None or self.packed is not None:
-            return [PackedProjection(self, index, linear.in_features, linear.out_features)
-                    for index, linear in enumerate(linears)]
-        self.weight = weight
-        for linear, offset, width in zip(linears, self.pool.slice_offsets, self.pool.slice_widths):
-            linear.weight = nn.Parameter(weight[offset : offset + width], requires_grad=False)
-            if linear.bias is not None:
-                linear.bias = nn.Parameter(bias[offset : offset + width], requires_grad=False)
-        return linears
-
-    def base_output(self, flat: torch.Tensor) -> torch.Tensor:
-        """x @ weightᵀ + bias for the whole group: [tokens, out_total]."""
-        if self.panels is not None:
-            return native.linear(flat if flat.stride(-1) == 1 else flat.contiguous(), self.panels, self.bias,
-                                 self.pool.out_total)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return F.linear(flat, self.weight, self.bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The fused weight [out_total, in] in the plain layout (unpacked: a copy when packed)."""
-        if self.panels is not None:
-            return native.unpack_weight(self.panels, self.pool.out_total)
-        return self.weight if self.packed is None else self.packed.to_dense()
+        self.projection = self.context.backend.prepare_linear(weight, bias)
+        return [GroupProjection(self, index, linear.in_features, linear.out_features, linear.bias is not None)
+                for index, linear in enumerate(linears)]
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Base plus LoRA output of the fused group for x, `[..., out_total]`, computed once per input.
@@ -233,7 +179,7 @@ class LoRAGroup:
                 del cache[id(self)]
             return y
         flat = x.reshape(-1, x.shape[-1])
-        out = self.base_output(flat)
+        out = self.projection(flat)
         context = self.context
         if context.meta is not None and context.has_lora:
             context.apply_lora(flat, out, self.pool)
@@ -265,32 +211,29 @@ class LoRAGroup:
         return out
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-class PackedProjection(nn.Module):
-    """One projection of a group whose fused weight is kept packed: its base layer.
+class GroupProjection(nn.Module):
+    """One projection of a fused group: its base layer, over the group's weight.
 
     The fused path never calls it (the group computes all projections at once); the unfused path (a
-    step with IA3 input vectors) does, computing the group's output and keeping its columns.
+    step with IA3 input vectors) does, computing this projection's columns only.
     """
 
-    def __init__(self, group: LoRAGroup, index: int, in_features: int, out_features: int):
+    def __init__(self, group: LoRAGroup, index: int, in_features: int, out_features: int, has_bias: bool):
         super().__init__()
         self.group = group
         self.offset = group.pool.slice_offsets[index]
         self.in_features, self.out_features = in_features, out_features
-        self.bias = None if group.bias is None else group.bias[self.offset : self.offset + out_features]
+        bias = group.projection.bias
+        self.bias = bias[self.offset : self.offset + out_features] if has_bias else None
 
     @property
     def weight(self) -> torch.Tensor:
-        """[out, in], unpacked on demand (a copy: DoRA reads it once per adapter load)."""
-        return self.group.dense_weight()[self.offset : self.offset + self.out_features]
+        """[out, in]: a view of the group's weight, or a copy where the backend keeps another layout (DoRA
+        reads it once per adapter load)."""
+        return self.group.projection.dense()[self.offset : self.offset + self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.base_output(x.reshape(-1, x.shape[-1]))[:, self.offset : self.offset + self.out_features]
+        y = self.group.projection.columns(x.reshape(-1, x.shape[-1]), self.offset, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -390,17 +333,18 @@ def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def wrap_model(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-               context: LoRAStepContext, adapter_dtype: torch.dtype | None = None) -> dict[str, LoRALinear]:
+               context: LoRAStepContext) -> dict[str, LoRALinear]:
     """Replace every servable projection by a LoRALinear; returns module path -> its LoRALinear.
 
-    dtype: the model's (DoRA/IA3 vectors are kept in it); adapter_dtype: the LoRA pools' (default dtype).
+    dtype: the model's (DoRA/IA3 vectors are kept in it); the LoRA pools' is the backend's `pool_dtype`.
     """
     modules = dict(model.named_modules())
     table: dict[str, LoRALinear] = {}
     for name, paths in find_lora_targets(model):
         features = [linear_features(modules[path]) for path in paths]
-        pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank, adapter_dtype or dtype,
-                        device)
+        pool = LoRAPool(features[0][0], [out for _, out in features], num_slots, max_rank,
+                        context.backend.pool_dtype, device)
+        pool.prepared = context.backend.prepare_pool(pool)
         group = LoRAGroup(name, paths, pool, context)
         bases = [modules[path] for path in paths]
         if all(type(base) is nn.Linear and base.weight.dtype == dtype and base.weight.device == pool.a.device

@@ -34,13 +34,12 @@ class LoraplexSystem:
         return cls(engine)
 
     def model_bytes(self) -> int:
-        """The base model's weights: parameters and buffers, and the projections kept packed (C kernel
-        panels or oneDNN's layout)."""
+        """The base model's weights: parameters and buffers, and the fused projections (held by the kernel
+        backend, in its layout)."""
         runner = self.engine.runner
         groups = {id(module.group): module.group for module in runner.lora_table.values()}
-        packed = sum(t.numel() * t.element_size() for g in groups.values()
-                     for t in (getattr(g, "panels", None), getattr(g, "packed", None)) if t is not None)
-        return tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers())) + packed
+        fused = sum(g.projection.nbytes() for g in groups.values() if g.fused)
+        return tensor_bytes(list(runner.model.parameters()) + list(runner.model.buffers())) + fused
 
     def resident_bytes(self) -> int:
         runner = self.engine.runner

@@ -8,7 +8,7 @@ new keys/values into their cache slots, then attends each sequence's queries ove
 context (gathered from its blocks) with a causal mask aligned to the sequence's positions.
 
 Decoding sequences (one query each) are attended together: on CPU in float32, straight from the
-cache blocks by the C kernel (`kernels/native.py`, `decode_attention`); elsewhere their contexts are
+cache blocks by the C kernel (`kernels/cpu/native.py`, `decode_attention`); elsewhere their contexts are
 gathered into `[B, kv_heads, L, head_dim]` batches of whole blocks, padding masked out (no mask
 when every context fills its blocks), one attention call per group of sequences of similar length
 (`decode_groups`: padding at most doubles what is gathered, and a call gathers a bounded number of
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from loraplex.kernels import native
+from loraplex.kernels.cpu import native
 
 ATTENTION_NAME = "loraplex_paged"
 # Keys (and as many values) one gathered decode call may hold, in elements (128 MiB each in bfloat16):

@@ -5,17 +5,17 @@ It runs the same layers with the same math: the embedding, per layer RMSNorm -> 
 (Qwen3: per-head RMSNorm of q and k) -> rotary embedding -> paged attention (`attention.store_kv`,
 `attention.attend`) -> o_proj -> residual add -> RMSNorm -> gate/up -> act(gate) * up -> down_proj ->
 residual add, the final norm and the LM head on the kept rows only. The projections and norms are the
-model's own modules (the projections our `LoRALinear`s, over plain, packed or 4-bit/8-bit base
-layers), so every adapter type is served as through the transformers forward; what goes away is the
-framework around the math: per-module calls, keyword plumbing, output containers, and the split of a
-fused group's output into three transposed views that are put back together for the cache.
+model's own modules (the projections our `LoRALinear`s, over fused or 4-bit/8-bit base layers), so every
+adapter type is served as through the transformers forward; what goes away is the framework around the
+math: per-module calls, keyword plumbing, output containers, and the split of a fused group's output into
+three transposed views that are put back together for the cache.
 
-Why: on CPU that glue and the small torch operations of the norms, the rotary embedding, the cache
-writes and the MLP's activation are a large part of a small decode step (docs/benchmarks.md). On CPU float32 those steps run in C here
-(`native.add_rms_norm`, `rope_store`, `silu_mul`); elsewhere the model's norm modules and the
-transformers formulas.
+Why: that glue and the small operations of the norms, the rotary embedding, the cache writes and the
+MLP's activation are a large part of a small decode step (docs/benchmarks.md). Those element-wise steps
+are the kernel backend's (`kernels/backend.py`: `add_rms_norm`, `rope_store`, `silu_mul`; torch's
+formulas, or one fused kernel each where the platform has one).
 
-`DecoderForward.create(model)` returns None for anything it does not recognise (other model classes,
+`DecoderForward.create(model, backend)` returns None for anything it does not recognise (other model classes,
 or modules that are not the standard ones), and the runner keeps the transformers forward.
 """
 
@@ -24,19 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.kernels import native
+from loraplex.kernels.backend import Backend
 from loraplex.server.model import attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 """Model classes whose decoder layers are the standard pre-norm Llama layer (checked again per module)."""
 _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 _MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by position: x·cos + rotate_half(x)·sin (cos, sin [T, 1, D])."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class _Layer:
@@ -62,7 +56,8 @@ class _Layer:
 class DecoderForward:
     """Runs a supported model's forward for one engine step (see the module doc)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, backend: Backend):
+        self.backend = backend
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -71,7 +66,7 @@ class DecoderForward:
         self.layers = [_Layer(layer) for layer in inner.layers]
 
     @classmethod
-    def create(cls, model: nn.Module) -> DecoderForward | None:
+    def create(cls, model: nn.Module, backend: Backend) -> DecoderForward | None:
         """The lean forward for `model`, or None when it is not a model this module knows."""
         if type(model).__name__ not in SUPPORTED:
             return None
@@ -90,33 +85,30 @@ class DecoderForward:
             if not all(hasattr(attn, name)
                        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")):
                 return None
-        return cls(model)
+        return cls(model, backend)
 
     def __call__(self, position_ids: torch.Tensor, keep_index: torch.Tensor, meta: attention.AttentionMeta,
                  input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(keep_index), vocab] of the kept rows. input_ids [1, T] or inputs_embeds [1, T, hidden].
 
-        On CPU in float32 the element-wise steps run in C (`native.add_rms_norm`, `rope_store`,
-        `silu_mul`); elsewhere the model's own norms and transformers' formulas. Each layer's residual
-        add is folded into the next norm."""
+        Each layer's residual add is folded into the next norm (`Backend.add_rms_norm`, which may update
+        h in place)."""
         h = self.embed(input_ids)[0] if inputs_embeds is None else inputs_embeds[0].clone()  # [T, hidden], ours
         cos, sin = self.rotary(h[None], position_ids)
         cos, sin = cos[0], sin[0]  # [T, D]
-        in_c = native.takes_float32(h)
+        ops = self.backend
         T = h.shape[0]
         delta = None
         for layer in self.layers:
-            h, x = _add_norm(h, delta, layer.norm1, in_c)
+            h, x = ops.add_rms_norm(h, delta, layer.norm1)
             q, k, v = self._qkv(layer, x)
-            q, k = _rope_store(q, k, v, cos, sin, meta, layer.index, in_c)
+            q, k = ops.rope_store(q, k, v, cos, sin, meta.cache.k[layer.index], meta.cache.v[layer.index],
+                                  meta.slot_mapping)
             out = attention.attend(layer.attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                    v.transpose(0, 1)[None], meta, layer.scaling, layer.window)
-            h, x = _add_norm(h, layer.o(out.view(T, -1)), layer.norm2, in_c)
+            h, x = ops.add_rms_norm(h, layer.o(out.view(T, -1)), layer.norm2)
             gate, up = layer.gate(x), layer.up(x)
-            if in_c and layer.silu:
-                delta = layer.down(native.silu_mul(gate, up, torch.empty_like(gate)))
-            else:
-                delta = layer.down(layer.act(gate) * up)
+            delta = layer.down(ops.silu_mul(gate, up) if layer.silu else layer.act(gate) * up)
         h.add_(delta)
         return self.lm_head(self.norm(h.index_select(0, keep_index)))
 
@@ -130,25 +122,3 @@ class DecoderForward:
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         return q, k, v
-
-
-def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module,
-              in_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + delta, norm(h + delta)); delta None: nothing to add. In C, h is updated in place."""
-    if in_c:
-        return h, native.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, torch.empty_like(h))
-    if delta is not None:
-        h = h + delta
-    return h, norm(h)
-
-
-def _rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: attention.AttentionMeta, layer: int, in_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, H, D] and k [T, KVH, D] rotated (in place in C), k and v written to the layer's cache
-    slots; returns the rotated q and k."""
-    if in_c:
-        native.rope_store(q, k, v, cos, sin, meta.cache.k[layer], meta.cache.v[layer], meta.slot_mapping)
-        return q, k
-    q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
-    attention.store_kv(meta, layer, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    return q, k

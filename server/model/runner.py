@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.kernels import backend as kernel_backend
 from loraplex.kernels import devices
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.model import attention
@@ -106,11 +107,13 @@ class ModelRunner:
 
         adapters = config.adapters
         self.num_slots = adapters.max_device_adapters
-        self.lora_context = LoRAStepContext()
-        self.adapter_dtype = self._adapter_dtype(adapters.dtype)
+        self.backend = kernel_backend.select(self.device, self.dtype, self._adapter_dtype(adapters.dtype))
+        """The platform's kernels (kernels/backend.py), chosen once here for every layer and step."""
+        self.adapter_dtype = self.backend.pool_dtype
+        self.lora_context = LoRAStepContext(self.backend)
         self.lora_table = wrap_model(self.model, self.num_slots, adapters.max_rank, self.dtype, self.device,
-                                     self.lora_context, adapter_dtype=self.adapter_dtype)
-        self.decoder = DecoderForward.create(self.model)
+                                     self.lora_context)
+        self.decoder = DecoderForward.create(self.model, self.backend)
         """The lean forward for Llama-shaped models (server/model/decoder.py); None: the transformers forward."""
         self.base_spec = BaseModelSpec(
             targets={path: linear_features(module.base) for path, module in self.lora_table.items()},

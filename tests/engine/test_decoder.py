@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from loraplex.kernels import native
+from loraplex.kernels.backend import Backend
+from loraplex.kernels.cpu import native
 from loraplex.server.model.decoder import DecoderForward
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
@@ -30,7 +31,7 @@ def _generate(engine, adapter_dir, lean: bool):
 @pytest.mark.parametrize("kernels", [True, False], ids=["c", "torch"])
 def test_lean_forward_matches_the_transformers_forward(demo_model_factory, tmp_path, monkeypatch, arch, kernels):
     if not kernels:
-        monkeypatch.setattr(native, "takes_float32", lambda *tensors: False)
+        monkeypatch.setattr(native, "available", lambda: False)  # the runner picks the torch backend
     base_dir = demo_model_factory(arch)
     adapter = make_lora_adapter(base_dir, tmp_path / "a", seed=11, r=8, lora_alpha=16, target_modules=ALL_LINEAR)
     lean_engine = make_engine(base_dir)
@@ -46,14 +47,14 @@ def test_unknown_layers_keep_the_transformers_forward(demo_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
-    assert DecoderForward.create(model) is not None
+    assert DecoderForward.create(model, Backend("cpu", torch.float32)) is not None
 
     class OtherMLP(nn.Module):
         def forward(self, x):
             return x
 
     model.model.layers[1].mlp = OtherMLP()
-    assert DecoderForward.create(model) is None
+    assert DecoderForward.create(model, Backend("cpu", torch.float32)) is None
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])

@@ -101,7 +101,7 @@ def test_bfloat16_adapter_storage_matches_peft_on_the_rounded_weights(demo_model
     mixed batch equals peft running the same adapters with their weights rounded the same way."""
     import torch
 
-    from loraplex.kernels import native
+    from loraplex.kernels.cpu import native
 
     if not native.available():
         pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.kernels import expand, shrink
+from loraplex.kernels.triton import expand, shrink
 from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
 

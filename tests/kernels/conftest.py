@@ -4,7 +4,7 @@ TRITON_INTERPRET=1 is set for each kernel test only (and restored after it), so 
 suite runs with the environment it was given. Setting it when this file is imported would not be
 enough: other test folders import loraplex.server, which imports triton, before this folder is
 collected. The launchers pick the interpreted or compiled flavour of a kernel when they launch it
-(``kernels/triton_utils.py``), so the import order does not matter.
+(``kernels/triton/utils.py``), so the import order does not matter.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ import re
 
 import pytest
 
-from loraplex.kernels import configs
+from loraplex.kernels.triton import configs
 
 triton_compiler = pytest.importorskip("triton.compiler")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from loraplex.kernels.expand import _expand_kernel  # noqa: E402
-from loraplex.kernels.shrink import _shrink_kernel  # noqa: E402
+from loraplex.kernels.triton.expand import _expand_kernel  # noqa: E402
+from loraplex.kernels.triton.shrink import _shrink_kernel  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 ATOMICS = re.compile(r"^\s*(@%p\d+\s+)?(atom|red)\.", re.M)  # PTX atomic instructions, predicated or not

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import loraplex.kernels as K
-from loraplex.kernels import expand, native, reference, shrink, torch_ops
+from loraplex.kernels import reference, torch_ops
+from loraplex.kernels.cpu import native
+from loraplex.kernels.triton import expand, shrink
 from tests.kernels.cases import TOLERANCE, layout, make_problem
 
 

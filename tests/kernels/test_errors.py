@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.kernels.expand import triton_expand
+from loraplex.kernels.triton.expand import triton_expand
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.shrink import triton_shrink
+from loraplex.kernels.triton.shrink import triton_shrink
 from loraplex.kernels.torch_ops import torch_expand, torch_shrink
 
 T, H, S, R, NS = 4, 16, 4, 8, 2

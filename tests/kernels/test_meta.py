@@ -127,7 +127,7 @@ def test_empty_step_and_all_no_adapter():
 
 
 def test_shape_class_and_block_m_follow_the_table():
-    from loraplex.kernels import configs
+    from loraplex.kernels.triton import configs
 
     meta = LoRAMeta.allocate(1024, 4, "cpu")
     meta.update([0] * configs.DECODE_MAX_TOKENS)

@@ -1,4 +1,4 @@
-"""The C kernel for CPU float32 lora_apply (kernels/cpu_lora.c via kernels/native.py) against the
+"""The C kernel for CPU float32 lora_apply (kernels/cpu/cpu_lora.c via kernels/cpu/native.py) against the
 torch reference: every mix of slots, ranks (rank padding NaN-poisoned, rank-0 slices with NaN
 scalings), slice layouts, token orders and segment lengths; strided y; threads; and its build."""
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import loraplex.kernels as K
-from loraplex.kernels import native, ops, reference
+from loraplex.kernels import reference
+from loraplex.kernels.cpu import backend as cpu_backend
+from loraplex.kernels.cpu import native
 from tests.kernels.cases import TOLERANCE, layout, make_problem
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
@@ -66,7 +68,7 @@ def test_lora_apply_picks_native_for_short_segments_only(monkeypatch):
     calls: list[str] = []
     real = native.lora_apply
     monkeypatch.setattr(native, "lora_apply", lambda *a, **k: calls.append("native") or real(*a, **k))
-    for T, mix, expected in ((12, "distinct", ["native"]), (ops.NATIVE_MAX_SEGMENT + 1, "identical", [])):
+    for T, mix, expected in ((12, "distinct", ["native"]), (cpu_backend.NATIVE_MAX_SEGMENT + 1, "identical", [])):
         calls.clear()
         p, _ = layout(make_problem(T, 64, 2, mix, torch.float32, seed=2), contiguous=True)
         meta = K.LoRAMeta.allocate(256, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
@@ -132,29 +134,36 @@ def test_prepared_pool_refusals():
         native.apply_prepared(p.x, p.y0.clone(), pool, native.meta_args(wide))
 
 
-def test_step_context_picks_the_backend_once_per_step(monkeypatch):
-    """The serving layers' LoRA (LoRAStepContext.apply_lora): the backend is chosen by a step's first call
-    and kept for the step; the next step chooses again. Both paths give ops.lora_apply's result."""
+def test_step_context_runs_the_backend_chosen_at_start_up(monkeypatch):
+    """The serving layers' LoRA (LoRAStepContext.apply_lora) runs the backend the runner chose once, with
+    the pool it prepared at wrap time; $LORAPLEX_LORA_BACKEND counts when a backend is chosen, not per step.
+    Both LoRA paths give ops.lora_apply's result."""
     from loraplex.server.adapters.lora import LoRAPool, LoRAStepContext
 
+    calls: list[str] = []
+    real = native.apply_prepared
+    monkeypatch.setattr(native, "apply_prepared", lambda *a, **k: calls.append("native") or real(*a, **k))
     p, _ = layout(make_problem(16, 64, 3, "distinct", torch.float32, seed=9), contiguous=True)
-    pool = LoRAPool(p.x.shape[1], list(p.widths), p.A.shape[1], p.A.shape[2], torch.float32, torch.device("cpu"))
-    pool.a.copy_(p.A), pool.b_t.copy_(p.B_t), pool.ranks.copy_(p.ranks), pool.scale.copy_(p.scalings)
     meta = K.LoRAMeta.allocate(16, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
-    context = LoRAStepContext()
-    context.begin(meta, kinds={"lora"})
-    y = p.y0.clone()
-    context.apply_lora(p.x, y, pool)
-    assert context.backends == {(torch.float32, torch.float32): "native"}
-    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+
+    def run(backend):
+        pool = LoRAPool(p.x.shape[1], list(p.widths), p.A.shape[1], p.A.shape[2], torch.float32, torch.device("cpu"))
+        pool.a.copy_(p.A), pool.b_t.copy_(p.B_t), pool.ranks.copy_(p.ranks), pool.scale.copy_(p.scalings)
+        pool.prepared = backend.prepare_pool(pool)
+        context = LoRAStepContext(backend)
+        context.begin(meta, kinds={"lora"})
+        y = p.y0.clone()
+        context.apply_lora(p.x, y, pool)
+        torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+
+    chosen = K.select("cpu", torch.float32)
+    run(chosen)
+    assert calls == ["native"]
     monkeypatch.setenv(K.BACKEND_ENV, "torch")
-    context.apply_lora(p.x, p.y0.clone(), pool)
-    assert context.backends == {(torch.float32, torch.float32): "native"}  # same step: kept
-    context.begin(meta, kinds={"lora"})
-    y = p.y0.clone()
-    context.apply_lora(p.x, y, pool)
-    assert context.backends == {(torch.float32, torch.float32): "torch"}
-    torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
+    run(chosen)  # chosen before: still the C kernel
+    assert calls == ["native", "native"]
+    run(K.select("cpu", torch.float32))
+    assert calls == ["native", "native"]
 
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):

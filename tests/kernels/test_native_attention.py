@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraplex.kernels import native
+from loraplex.kernels.cpu import native
 from loraplex.server.model.attention import DecodeBatch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")

@@ -1,4 +1,4 @@
-"""The decoder layers' element-wise steps in C (kernels/native.py: add_rms_norm, rope_store,
+"""The decoder layers' element-wise steps in C (kernels/cpu/native.py: add_rms_norm, rope_store,
 silu_mul) against the torch formulas transformers' Llama-shaped models use."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraplex.kernels import native
+from loraplex.kernels.cpu import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
 CLOSE = dict(rtol=2e-6, atol=1e-6)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels import native
+from loraplex.kernels.cpu import native
+from loraplex.kernels.backend import Projection, select
+from loraplex.kernels.cpu.backend import OneDNNProjection, PanelProjection
 from loraplex.server.adapters.lora import LoRAStepContext, wrap_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavailable: {native.unavailable_reason()}")
@@ -78,11 +80,11 @@ def test_fused_groups_keep_their_weights_in_panels():
     originals = {name: (getattr(layer, name).weight.detach().clone(),
                         None if getattr(layer, name).bias is None else getattr(layer, name).bias.detach().clone())
                  for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    table = wrap_model(model, 2, 4, torch.float32, torch.device("cpu"), LoRAStepContext())
+    table = wrap_model(model, 2, 4, torch.float32, torch.device("cpu"), LoRAStepContext(select("cpu", torch.float32)))
     x = torch.randn(5, 24)
     for name, (weight, bias) in originals.items():
         wrapped = table[f"layers.0.{name}"]
-        assert wrapped.group.panels is not None and wrapped.group.weight is None
+        assert isinstance(wrapped.group.projection, PanelProjection)
         assert torch.equal(wrapped.base.weight, weight)
         inp = x if name != "o_proj" else torch.randn(5, 32)
         torch.testing.assert_close(wrapped(inp), F.linear(inp, weight, bias), rtol=1e-5, atol=1e-5)
@@ -96,8 +98,9 @@ def test_without_the_kernel_groups_use_onednn_or_plain_weights(monkeypatch):
     model = nn.Module()
     model.layers = nn.ModuleList([_Layer()])
     weight = model.layers[0].o_proj.weight.detach().clone()
-    table = wrap_model(model, 2, 4, torch.float32, torch.device("cpu"), LoRAStepContext())
+    table = wrap_model(model, 2, 4, torch.float32, torch.device("cpu"), LoRAStepContext(select("cpu", torch.float32)))
     group = table["layers.0.o_proj"].group
-    assert group.panels is None and (group.packed is not None or group.weight is not None)
+    assert isinstance(group.projection, (OneDNNProjection, Projection))
+    assert not isinstance(group.projection, PanelProjection)
     x = torch.randn(3, 32)
     torch.testing.assert_close(table["layers.0.o_proj"](x), x @ weight.t(), rtol=1e-5, atol=1e-5)

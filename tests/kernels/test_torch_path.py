@@ -1,4 +1,5 @@
-"""The torch fast path (both strategies) against the reference, with the same poisoned problems."""
+"""The torch fast path (plans built per call and kept in a PlanCache) against the reference, with the same
+poisoned problems."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from tests.kernels.cases import MIXES, TOLERANCE, V_POISON, check_v, layout, mak
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def run_case(T, hidden, num_slices, mix, dtype, contiguous, strategy, seed=0):
+def run_case(T, hidden, num_slices, mix, dtype, contiguous, plans, seed=0):
+    plans = torch_ops.PlanCache() if plans == "cached" else None
     p, contiguous = layout(make_problem(T, hidden, num_slices, mix, dtype, seed), contiguous)
     S, R = p.A.shape[1], p.A.shape[2]
     meta = LoRAMeta.allocate(256, S, "cpu").update(p.slots, contiguous=contiguous)
 
     v = torch.full((num_slices, T, R), V_POISON)
-    torch_ops.torch_shrink(p.x, p.A, p.ranks, meta, out=v, strategy=strategy)
+    torch_ops.torch_shrink(p.x, p.A, p.ranks, meta, out=v, plans=plans)
     v_ref = shrink_reference(p.x, p.A, p.ranks, p.slots)
     mask = p.rank_mask()
     # The segment loop multiplies in the input dtype (like PEFT), so low-precision v differs more.
@@ -30,7 +32,7 @@ def run_case(T, hidden, num_slices, mix, dtype, contiguous, strategy, seed=0):
     v_in = v_ref.clone()
     v_in[~mask] = float("nan")
     y = p.y0.clone()
-    torch_ops.torch_expand(v_in, p.B_t, p.ranks, p.scalings, meta, y, p.offsets, p.widths, strategy=strategy)
+    torch_ops.torch_expand(v_in, p.B_t, p.ranks, p.scalings, meta, y, p.offsets, p.widths, plans=plans)
     y_ref = expand_reference(v_ref, p.B_t, p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets, p.widths)
     touched = p.touched()
     assert torch.equal(y[~touched], p.y0[~touched]), "expand changed y outside its tokens/slices"
@@ -40,24 +42,20 @@ def run_case(T, hidden, num_slices, mix, dtype, contiguous, strategy, seed=0):
 
 
 CASES = [
-    (T, (96, 200)[n % 2], 1 + n % 3, mix, DTYPES[n % 3], contiguous, strategy)
-    for n, (T, mix, contiguous, strategy) in enumerate(
-        itertools.product((1, 7, 64, 133), MIXES, (False, True), ("segment", "gather")))
-] + [(133, 3424, 3, "zipf", torch.float32, True, "segment"), (7, 3424, 2, "distinct", torch.bfloat16, False, "gather")]
+    (T, (96, 200)[n % 2], 1 + n % 3, mix, DTYPES[n % 3], contiguous, plans)
+    for n, (T, mix, contiguous, plans) in enumerate(
+        itertools.product((1, 7, 64, 133), MIXES, (False, True), ("fresh", "cached")))
+] + [(133, 3424, 3, "zipf", torch.float32, True, "fresh"), (7, 3424, 2, "distinct", torch.bfloat16, False, "cached")]
 
 
 def case_id(case):
-    T, hidden, ns, mix, dtype, contiguous, strategy = case
-    return f"T{T}-h{hidden}-s{ns}-{mix}-{str(dtype)[6:]}-{'contig' if contiguous else 'perm'}-{strategy}"
+    T, hidden, ns, mix, dtype, contiguous, plans = case
+    return f"T{T}-h{hidden}-s{ns}-{mix}-{str(dtype)[6:]}-{'contig' if contiguous else 'perm'}-{plans}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_torch_path_matches_reference(case):
     run_case(*case)
-
-
-def test_default_strategy_is_the_measured_winner():
-    assert torch_ops.STRATEGY == "segment"
 
 
 def test_expand_accepts_v_in_the_weight_dtype():

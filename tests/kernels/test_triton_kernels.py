@@ -18,10 +18,10 @@ import itertools
 import pytest
 import torch
 
-from loraplex.kernels.expand import triton_expand
+from loraplex.kernels.triton.expand import triton_expand
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.reference import expand_reference, shrink_reference
-from loraplex.kernels.shrink import triton_shrink
+from loraplex.kernels.triton.shrink import triton_shrink
 from tests.kernels.cases import MIXES, TOLERANCE, V_POISON, check_v, layout, make_problem
 
 # Block-size variants besides the shape-class table: plain stores (split_k=1) with an even K loop

@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_slices
-from .devices import same_device
-from .meta import LoRAMeta
-from .triton_utils import check_launch_device, for_current_mode, next_pow2
+from ..checks import FLOAT_DTYPES, check_dim, check_pools, check_tensor, resolve_slices
+from ..devices import same_device
+from ..meta import LoRAMeta
+from .utils import check_launch_device, for_current_mode, next_pow2
 
 MAX_SLICES = 4
 

@@ -3,19 +3,17 @@
 - `lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of
   a projection group in one call, per segment, without torch's per-matmul costs;
 - `linear` is the float32 base projections' GEMM on weights packed by `pack_weight` (panels of 16
-  output columns), used by the fused groups of server/adapters/lora.py;
+  output columns), the CPU backend's base projections (`backend.PanelProjection`);
 - `decode_attention` attends one query per sequence straight from the paged KV cache
   (server/model/attention.py);
 - `add_rms_norm`, `rope_store` and `silu_mul` are the element-wise steps of a Llama-shaped decoder
-  layer (server/model/decoder.py), one call each instead of several torch operations.
+  layer (the CPU backend's, for server/model/decoder.py), one call each instead of several torch operations.
 
 See the C file for the loops and docs/benchmarks.md for the measurements.
 
 Build: the C compiler (``$CC``, else ``cc``) compiles the source with ``-O3 -march=native -fopenmp``
-(and ``-ffp-contract=fast``)
-into ``cache_dir()/native`` (``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``, else
-``~/.cache/loraplex``), under a name hashed from
-the source, the flags and this CPU's model and feature flags, so a cache shared by different CPUs
+(and ``-ffp-contract=fast``) into ``cache_dir()/native`` (``$LORAPLEX_CACHE_DIR``, else
+``$XDG_CACHE_HOME/loraplex``, else ``~/.cache/loraplex``), under a name hashed from the source, the flags and this CPU's model and feature flags, so a cache shared by different CPUs
 never loads a binary built for another one. Written to a temporary name and renamed: processes
 building at once each get a whole file. No compiler, or a failed build: logged once, and callers
 use the torch path (``available()`` is False). OpenMP: the library links ``libgomp.so.1``, which
@@ -39,8 +37,8 @@ from typing import Sequence
 
 import torch
 
-from .checks import check_dim, check_pools, check_tensor, resolve_slices
-from .meta import LoRAMeta
+from ..checks import check_dim, check_pools, check_tensor, resolve_slices
+from ..meta import LoRAMeta
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,44 @@ _library: ctypes.CDLL | None = None
 _error: str | None = None
 _fn = None  # {weight dtype: the C function}
 
-_I64 = ctypes.c_int64
+# Pointers travel as c_void_p (tensors' data_ptr()): the wrappers below check each tensor's dtype, shape
+# and strides before the call, which is what a typed pointer could not check anyway.
 _PTR = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_F32 = ctypes.c_float
+
+# The C prototypes in cpu_lora.c, parameter by parameter (every function returns int: 0, or < 0 on failure).
+_LORA_APPLY = [
+    ("x", _PTR), ("x_stride", _I64), ("y", _PTR), ("y_stride", _I64), ("A", _PTR), ("B_t", _PTR),
+    ("num_slices", _I64), ("S", _I64), ("R", _I64), ("in", _I64), ("out_total", _I64),
+    ("ranks", _PTR), ("scalings", _PTR), ("offsets", _PTR), ("widths", _PTR),
+    ("seg_slot", _PTR), ("seg_start", _PTR), ("seg_len", _PTR), ("num_segments", _I64), ("order", _PTR),
+    ("num_threads", _INT)]
+SIGNATURES = {
+    "loraplex_lora_apply_f32": _LORA_APPLY,
+    "loraplex_lora_apply_bf16": _LORA_APPLY,
+    "loraplex_linear_f32": [
+        ("x", _PTR), ("ldx", _I64), ("Wp", _PTR), ("bias", _PTR), ("y", _PTR), ("ldy", _I64),
+        ("M", _I64), ("N", _I64), ("K", _I64), ("num_threads", _INT)],
+    "loraplex_decode_attention_f32": [
+        ("q", _PTR), ("q_rows", _PTR), ("q_row_stride", _I64), ("q_head_stride", _I64),
+        ("k_cache", _PTR), ("v_cache", _PTR), ("blocks", _PTR), ("blocks_per_seq", _I64), ("block_size", _I64),
+        ("lengths", _PTR), ("B", _I64), ("H", _I64), ("KVH", _I64), ("D", _I64), ("window", _I64),
+        ("scale", _F32), ("out", _PTR), ("out_row_stride", _I64), ("out_head_stride", _I64),
+        ("num_threads", _INT)],
+    "loraplex_add_rms_norm_f32": [
+        ("h", _PTR), ("ldh", _I64), ("d", _PTR), ("ldd", _I64), ("w", _PTR), ("eps", _F32), ("out", _PTR),
+        ("ldo", _I64), ("rows", _I64), ("cols", _I64), ("num_threads", _INT)],
+    "loraplex_rope_store_f32": [
+        ("q", _PTR), ("q_row", _I64), ("q_head", _I64), ("H", _I64), ("k", _PTR), ("k_row", _I64),
+        ("k_head", _I64), ("v", _PTR), ("v_row", _I64), ("v_head", _I64), ("KVH", _I64), ("D", _I64),
+        ("cos", _PTR), ("sin", _PTR), ("cs_stride", _I64), ("k_cache", _PTR), ("v_cache", _PTR),
+        ("slots", _PTR), ("T", _I64), ("num_threads", _INT)],
+    "loraplex_silu_mul_f32": [
+        ("g", _PTR), ("ldg", _I64), ("u", _PTR), ("ldu", _I64), ("out", _PTR), ("ldo", _I64),
+        ("rows", _I64), ("cols", _I64), ("num_threads", _INT)],
+}
 
 
 def _cpu_signature() -> str:
@@ -103,25 +137,10 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)
     library = ctypes.CDLL(str(target))
-    for name in ("loraplex_lora_apply_f32", "loraplex_lora_apply_bf16"):
+    for name, params in SIGNATURES.items():
         fn = getattr(library, name)
         fn.restype = ctypes.c_int
-        fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                       _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
-    library.loraplex_decode_attention_f32.restype = ctypes.c_int
-    library.loraplex_decode_attention_f32.argtypes = [
-        _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
-        _PTR, _I64, _I64, ctypes.c_int]
-    library.loraplex_linear_f32.restype = ctypes.c_int
-    library.loraplex_linear_f32.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
-    library.loraplex_add_rms_norm_f32.restype = ctypes.c_int
-    library.loraplex_add_rms_norm_f32.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, ctypes.c_float, _PTR, _I64, _I64,
-                                                  _I64, ctypes.c_int]
-    library.loraplex_rope_store_f32.restype = ctypes.c_int
-    library.loraplex_rope_store_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64,
-                                                _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_int]
-    library.loraplex_silu_mul_f32.restype = ctypes.c_int
-    library.loraplex_silu_mul_f32.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, ctypes.c_int]
+        fn.argtypes = [ctype for _, ctype in params]
     return library
 
 
@@ -250,12 +269,6 @@ def decode_attention(q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
     return out
 
 
-def supports(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B_t: torch.Tensor) -> bool:
-    """Whether `lora_apply` here takes these tensors (CPU, float32 activations, float32 or bfloat16 pools)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32
-            and A.dtype in WEIGHT_DTYPES and B_t.dtype == A.dtype)
-
-
 class PreparedPool:
     """A pool's kernel arguments, checked once (`prepare_pool`): the weight pools of a serving group are
     allocated once and only written in place, so their pointers and shapes hold for every step."""
@@ -297,7 +310,7 @@ def prepare_pool(A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scalin
     return PreparedPool(_fn[A.dtype], args, in_features, out_total, (A, B_t, ranks, scalings, offs, wids))
 
 
-# Pools checked once by direct `lora_apply` calls: (ids, pointers, slices) -> PreparedPool.
+# Pools checked once by calls with loose tensors (`lora_apply`, `ops.lora_apply`): (ids, pointers, slices) -> PreparedPool.
 _checked: dict[tuple, PreparedPool] = {}
 
 
@@ -315,18 +328,13 @@ def _cached_pool(A, B_t, ranks, scalings, out_total, slice_offsets, slice_widths
 
 
 def meta_args(meta: LoRAMeta) -> tuple:
-    """The step layout's kernel arguments (segments, token order), cached on meta for its current
-    segment list; raises when meta has no host segment list (built for a non-CPU device)."""
+    """The step layout's kernel arguments (segments, token order), to build once per step; raises when
+    meta has no host segment list (built for a non-CPU device)."""
     segments = meta.segments
     if segments is None:
         raise ValueError("meta has no host segment list (built for a non-CPU device)")
-    cached = meta.__dict__.get("_native_args")
-    if cached is not None and cached[0] is segments:
-        return cached[1]
-    args = (meta.num_tokens, meta.max_slots, meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(),
+    return (meta.num_tokens, meta.max_slots, meta.seg_slot.data_ptr(), meta.seg_start.data_ptr(),
             meta.seg_len.data_ptr(), len(segments), 0 if meta.contiguous else meta.token_order.data_ptr())
-    meta.__dict__["_native_args"] = (segments, args)
-    return args
 
 
 def apply_prepared(x: torch.Tensor, y: torch.Tensor, pool: PreparedPool, step: tuple) -> torch.Tensor:
