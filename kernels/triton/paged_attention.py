@@ -151,6 +151,14 @@ def _paged_attention_kernel(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+def tile_shape(group: int, max_query_len: int, cfg: dict) -> dict:
+    """The kernel's tile meta-parameters for `group` query heads per KV head and a table entry."""
+    group_pad = next_pow2(group)
+    block_q = 1 if max_query_len == 1 else max(1, cfg["block_m"] // group_pad)
+    return dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * group_pad),
+                BLOCK_N=cfg["block_n"])
+
+
 def paged_attention(
     q: torch.Tensor,            # [T, H, D], unit stride along D (a transposed view is fine)
     k_cache: torch.Tensor,      # [num_slots, KVH, D], q's dtype, unit stride along D
@@ -201,21 +209,15 @@ def paged_attention(
     if num_seqs == 0 or max_query_len < 1:
         return out
 
-    group = num_heads // kv_heads
-    group_pad = next_pow2(group)
     cfg = config or attention_configs.kernel_config(attention_configs.shape_class(max_query_len))
-    block_q = max(1, cfg["block_m"] // group_pad)
-    if max_query_len == 1:
-        block_q = 1
-    block_m = max(16, block_q * group_pad)
-    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, block_q))
+    tile = tile_shape(num_heads // kv_heads, max_query_len, cfg)
+    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tile["BLOCK_Q"]))
     for_current_mode(_paged_attention_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, query_start, kv_lens, kv_lens if skip is None else skip,
         scale * LOG2E, window or 0, block_size,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
-        HEAD_DIM=head_dim, HEAD_PAD=max(16, next_pow2(head_dim)), HAS_SKIP=skip is not None,
+        **tile, HEAD_DIM=head_dim, HEAD_PAD=max(16, next_pow2(head_dim)), HAS_SKIP=skip is not None,
         FP32_DOT=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -19,6 +19,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from loraplex.kernels.expand import _expand_kernel  # noqa: E402
 from loraplex.kernels.shrink import _shrink_kernel  # noqa: E402
+from loraplex.kernels.triton import attention_configs  # noqa: E402
+from loraplex.kernels.triton.paged_attention import _paged_attention_kernel, tile_shape  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 ATOMICS = re.compile(r"^\s*(@%p\d+\s+)?(atom|red)\.", re.M)  # PTX atomic instructions, predicated or not
@@ -77,3 +79,23 @@ def test_expand_compiles_with_v_in_the_weight_dtype_and_plain_shrink_stores():
         _shrink_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "v_ptr": "*fp32"},
         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, EVEN_K=False, FP32_DOT=False), 4, 2)
     assert "atom" not in k.asm["ptx"]  # split_k=1 stores plainly: deterministic, no zeroing needed
+
+
+# each table entry in bf16, the prefix-skip path and the float32 (ieee dot) path; about 10 s per compile
+@pytest.mark.parametrize("shape_class, dtype, has_skip", [("decode", "bf16", False), ("prefill", "bf16", True),
+                                                          ("decode", "fp32", True)])
+def test_paged_attention_compiles_for_sm90(shape_class, dtype, has_skip):
+    cfg = attention_configs.TABLE[shape_class]
+    kernel = JITFunction(_paged_attention_kernel.fn)
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")})
+    signature.update({name: "*i32" for name in ("block_table_ptr", "query_start_ptr", "kv_len_ptr", "skip_ptr")})
+    signature["qk_scale"] = "fp32"
+    # 32 query heads over 8 KV heads, head_dim 128 (Llama-3-8B)
+    constexprs = tile_shape(4, 1 if shape_class == "decode" else 512, cfg)
+    constexprs.update(HEAD_DIM=128, HEAD_PAD=128, HAS_SKIP=has_skip, FP32_DOT=dtype == "fp32")
+    src = triton_compiler.ASTSource(kernel, signature | {name: "constexpr" for name in constexprs},
+                                    constexprs=constexprs)
+    k = triton_compiler.compile(src, target=SM90, options=dict(num_warps=cfg["num_warps"],
+                                                                num_stages=cfg["num_stages"]))
+    assert len(k.asm["cubin"]) > 0

@@ -1,41 +1,16 @@
-"""The Triton paged attention kernel (interpreted on CPU) against a float32 SDPA reference over each
-sequence's gathered context."""
+"""The Triton paged attention kernel (interpreted on CPU) against the float32 SDPA reference over each
+sequence's gathered context (`kernels/reference.py`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from loraplex.kernels.reference import paged_attention_reference
 from loraplex.kernels.triton.paged_attention import paged_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
 BLOCK = 4
-
-
-def reference(q, k_cache, v_cache, tables, query_lens, kv_lens, scale, window, skips):
-    """float32 SDPA per sequence over its gathered, de-padded context with a causal (+ window) mask."""
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    row = 0
-    for table, n, kv_len, skip in zip(tables, query_lens, kv_lens, skips):
-        idx = torch.arange(kv_len)
-        slots = torch.tensor(table)[idx // BLOCK] * BLOCK + idx % BLOCK
-        lo, hi = skip
-        keep = (idx < lo) | (idx >= hi)
-        slots = slots[keep]
-        k = k_cache[slots].float().transpose(0, 1)[None]  # [1, KVH, ctx, D]
-        v = v_cache[slots].float().transpose(0, 1)[None]
-        ctx = k.shape[2]
-        q_pos = torch.arange(ctx - n, ctx)[:, None]
-        k_pos = torch.arange(ctx)[None, :]
-        mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
-        qs = q[row : row + n].float().transpose(0, 1)[None]  # [1, H, n, D]
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[row : row + n] = o[0].transpose(0, 1)
-        row += n
-    return out
 
 
 def make_case(query_lens, kv_lens, heads, kv_heads, dim, dtype, seed, shared_prefix_blocks=0, skips=None):
@@ -94,7 +69,7 @@ def test_matches_sdpa(name, dtype):
     q, k_cache, v_cache, tables, skips = make_case(query_lens, kv_lens, heads, kv_heads, dim, dtype, seed=len(name))
     scale = dim ** -0.5
     got = run_kernel(q, k_cache, v_cache, tables, query_lens, kv_lens, scale, window, skips, pad_seqs=1)
-    want = reference(q, k_cache, v_cache, tables, query_lens, kv_lens, scale, window, skips)
+    want = paged_attention_reference(q, k_cache, v_cache, tables, query_lens, kv_lens, BLOCK, scale, window, skips)
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
@@ -107,7 +82,7 @@ def test_prefix_blocks_shared_by_two_sequences(window):
                                                    shared_prefix_blocks=2, skips=skips)
     assert tables[0][:2] == tables[1][:2]
     got = run_kernel(q, k_cache, v_cache, tables, query_lens, kv_lens, 0.25, window, skips)
-    want = reference(q, k_cache, v_cache, tables, query_lens, kv_lens, 0.25, window, skips)
+    want = paged_attention_reference(q, k_cache, v_cache, tables, query_lens, kv_lens, BLOCK, 0.25, window, skips)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -117,7 +92,7 @@ def test_several_tiles_per_chunk_and_key_blocks_smaller_than_a_cache_block():
     q, k_cache, v_cache, tables, skips = make_case(query_lens, kv_lens, 2, 2, 16, torch.float32, seed=9)
     config = {"block_m": 8, "block_n": 16, "num_warps": 4, "num_stages": 1}
     got = run_kernel(q, k_cache, v_cache, tables, query_lens, kv_lens, 0.3, None, skips, config=config)
-    want = reference(q, k_cache, v_cache, tables, query_lens, kv_lens, 0.3, None, skips)
+    want = paged_attention_reference(q, k_cache, v_cache, tables, query_lens, kv_lens, BLOCK, 0.3, None, skips)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
