@@ -13,11 +13,9 @@ candidates that fail to compile (too much shared memory) are skipped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
 import pprint
-import re
 import sys
 from pathlib import Path
 
@@ -29,10 +27,9 @@ import torch  # noqa: E402
 from attention_common import workload  # noqa: E402
 from lora_common import timer  # noqa: E402
 from loraplex.kernels.triton import attention_configs  # noqa: E402
+from tuning import BEGIN, END, emit, provenance  # noqa: E402
 
 CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "attention_configs.py"
-BEGIN = "# --- BEGIN TUNED TABLE"
-END = "# --- END TUNED TABLE ---"
 # (query_lens, kv_lens) per class: GPU shapes, then --smoke's
 CASES = {
     "decode": [([1] * 64, [4096] * 64), ([1] * 8, [512] * 8)],
@@ -98,23 +95,8 @@ def main() -> int:
             return 1
         table[shape_class] = cfg
         totals.append(f"{shape_class} {total * 1e6:.0f} µs")
-    import triton
-    note = (f"Tuned on {card}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{datetime.date.today()}: {', '.join(totals)} (sum over the class's cases).")
-    block = render(table, note)
-    print("\n" + block)
-    if args.write:
-        if args.smoke:
-            print("--smoke: not writing a table tuned on toy shapes", file=sys.stderr)
-            return 0
-        text = CONFIGS_PY.read_text()
-        new, n = re.subn(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        if n != 1:
-            print(f"markers not found in {CONFIGS_PY}", file=sys.stderr)
-            return 1
-        CONFIGS_PY.write_text(new)
-        print(f"wrote {CONFIGS_PY}")
-    return 0
+    block = render(table, provenance(card, totals, "sum over the class's cases"))
+    return emit(block, CONFIGS_PY, args.write, args.smoke)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _paged_attention_kernel(
     skip_ptr,         # [num_seqs, 2] int32 (read when HAS_SKIP)
     # sizes
     qk_scale,         # scale · log2(e): the softmax runs in base 2
-    window,           # 0: no sliding window
+    window,           # positions each query sees (read when HAS_WINDOW)
     block_size,
     # strides (in elements; every last dimension has unit stride)
     stride_q_t,
@@ -69,6 +69,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,    # next power of two
     HAS_SKIP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -99,11 +100,11 @@ def _paged_attention_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     q_idx = kv_len - q_len + tok                                  # KV index of each row's token
-    q_pos = tl.where(q_idx >= skip_lo + shift, q_idx - shift, q_idx)
     last_tok = tl.minimum(q_len, (q_block + 1) * BLOCK_Q) - 1
     kv_end = kv_len - q_len + last_tok + 1                          # the tile's last token sees [0, kv_end)
     kv_begin = kv_end * 0
-    if window > 0:  # the first token sees positions > its position - window: skip whole blocks before
+    if HAS_WINDOW:  # the first token sees positions > its position - window: skip whole blocks before
+        q_pos = tl.where(q_idx >= skip_lo + shift, q_idx - shift, q_idx)
         first_pos = kv_len - q_len + q_block * BLOCK_Q - shift - window + 1
         first_idx = tl.where(first_pos >= skip_lo, first_pos + shift, first_pos)
         kv_begin = tl.maximum(first_idx, 0) // BLOCK_N * BLOCK_N
@@ -130,8 +131,9 @@ def _paged_attention_kernel(
         visible = idx_ok[None, :] & (idx[None, :] <= q_idx[:, None])
         if HAS_SKIP:
             visible &= ((idx < skip_lo) | (idx >= skip_lo + shift))[None, :]
-        k_pos = tl.where(idx >= skip_lo + shift, idx - shift, idx)
-        visible &= (k_pos[None, :] > q_pos[:, None] - window) | (window == 0)
+        if HAS_WINDOW:
+            k_pos = tl.where(idx >= skip_lo + shift, idx - shift, idx)
+            visible &= k_pos[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
@@ -218,6 +220,6 @@ def paged_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
         **tile, HEAD_DIM=head_dim, HEAD_PAD=max(16, next_pow2(head_dim)), HAS_SKIP=skip is not None,
-        FP32_DOT=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_WINDOW=window is not None, FP32_DOT=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

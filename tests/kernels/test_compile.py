@@ -81,7 +81,7 @@ def test_expand_compiles_with_v_in_the_weight_dtype_and_plain_shrink_stores():
     assert "atom" not in k.asm["ptx"]  # split_k=1 stores plainly: deterministic, no zeroing needed
 
 
-# each table entry in bf16, the prefix-skip path and the float32 (ieee dot) path; about 10 s per compile
+# each table entry in bf16, the prefix-skip and window paths, the float32 (ieee dot) path; ~10 s per compile
 @pytest.mark.parametrize("shape_class, dtype, has_skip", [("decode", "bf16", False), ("prefill", "bf16", True),
                                                           ("decode", "fp32", True)])
 def test_paged_attention_compiles_for_sm90(shape_class, dtype, has_skip):
@@ -93,7 +93,8 @@ def test_paged_attention_compiles_for_sm90(shape_class, dtype, has_skip):
     signature["qk_scale"] = "fp32"
     # 32 query heads over 8 KV heads, head_dim 128 (Llama-3-8B)
     constexprs = tile_shape(4, 1 if shape_class == "decode" else 512, cfg)
-    constexprs.update(HEAD_DIM=128, HEAD_PAD=128, HAS_SKIP=has_skip, FP32_DOT=dtype == "fp32")
+    constexprs.update(HEAD_DIM=128, HEAD_PAD=128, HAS_SKIP=has_skip, HAS_WINDOW=has_skip,
+                      FP32_DOT=dtype == "fp32")
     src = triton_compiler.ASTSource(kernel, signature | {name: "constexpr" for name in constexprs},
                                     constexprs=constexprs)
     k = triton_compiler.compile(src, target=SM90, options=dict(num_warps=cfg["num_warps"],
