@@ -13,8 +13,9 @@ first; each is independent (a failure is recorded with its traceback and the nex
 2. attention The Triton paged attention kernel in bfloat16 and float16 against the float32 reference
              (decode and prefill chunks, ragged contexts ending mid-block, GQA, a window, prefix padding),
              then decode at 4,096-token contexts (64 sequences, 32 query / 8 KV heads, head_dim 128): K/V
-             bytes over kernel time against measured copy bandwidth (target >= ATTENTION_TARGET), and
-             the time of the torch path (gathered K/V + SDPA) on the same batch.
+             bytes over kernel time against measured copy bandwidth (target >= ATTENTION_TARGET), the
+             time of the torch path (gathered K/V + SDPA) on the same batch, and the same fraction for
+             4 sequences (keys split over programs).
 3. engine    The whole engine in bfloat16 on a random GQA Llama with every adapter type (LoRA with
              mixed ranks, DoRA, AdaLoRA, IA3, prefix, prompt, P-tuning) and the base model in one mixed
              batch, against each request alone and against peft's forward: the largest logprob
@@ -142,6 +143,7 @@ def section_attention(ctx: Context) -> dict:
 
     from attention_common import workload
     from lora_common import timer
+    from loraplex.kernels.triton.paged_attention import decode_splits
     from loraplex.server.model import attention
 
     heads = dict(heads=32, kv_heads=8, head_dim=128) if ctx.cuda else dict(heads=4, kv_heads=2, head_dim=16)
@@ -166,6 +168,9 @@ def section_attention(ctx: Context) -> dict:
     kernel_s = bench(load.run)
     bandwidth = copy_bandwidth(ctx)
     fraction = load.kv_bytes / kernel_s / bandwidth
+    # a small batch: its keys split over programs (decode_splits) to fill the GPU
+    small = workload(ctx.device, dtype, [1] * 4, [context] * 4, **heads, seed=8)
+    small_s = bench(small.run)
 
     # the torch path on the same batch: gathered blocks, one SDPA call
     cache = attention.PagedKVCache(1, load.k_cache.shape[0] // load.block_size, load.block_size,
@@ -182,7 +187,9 @@ def section_attention(ctx: Context) -> dict:
                 decode_batch=batch, context=context, kv_bytes=load.kv_bytes, kernel_s=kernel_s,
                 copy_bandwidth_gb_s=bandwidth / 1e9, kv_gb_s=load.kv_bytes / kernel_s / 1e9,
                 fraction_of_copy_bandwidth=fraction, target=ATTENTION_TARGET, torch_path_s=torch_s,
-                speedup_over_torch_path=torch_s / kernel_s)
+                speedup_over_torch_path=torch_s / kernel_s, small_batch=4,
+                small_batch_splits=decode_splits(4 * heads["kv_heads"], ctx.device), small_batch_s=small_s,
+                small_batch_fraction_of_copy_bandwidth=small.kv_bytes / small_s / bandwidth)
 
 
 # ----------------------------------------------------------------------------- models and adapters

@@ -14,14 +14,19 @@ h // group:
 (float32 accumulation, online softmax). Blocks shared by several sequences (a prefix-tuning prefix)
 are just entries of their block tables.
 
-Grid: (num_seqs, kv_heads, cdiv(max_query_len, tokens per tile)). A program takes one tile of one
-sequence's query tokens and all the query heads of one KV head (rows: token-major, head-minor), so
-those heads share every K/V load; it exits at once past its sequence's tokens, so the tables may be
-padded with empty sequences (qs[s] == qs[s+1]) to a fixed shape. The launcher reads nothing from the
-device and allocates nothing: a launch can be captured in a CUDA graph.
+Grid: (num_seqs, kv_heads, cdiv(max_query_len, tokens per tile) · splits). A program takes one tile
+of one sequence's query tokens and all the query heads of one KV head (rows: token-major,
+head-minor), so those heads share every K/V load; it exits at once past its sequence's tokens, so the
+tables may be padded with empty sequences (qs[s] == qs[s+1]) to a fixed shape. At decode, when the
+batch gives fewer programs than the GPU has SMs to fill, each sequence's keys are split over several
+programs (`decode_splits`, chosen from shapes only) whose partial results a second kernel merges.
+The launcher reads nothing from the device and allocates nothing whose size depends on the data (the
+split partials are sized by the shapes): a launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -33,6 +38,9 @@ from ..triton_utils import check_launch_device, for_current_mode, next_pow2
 from . import attention_configs
 
 LOG2E = 1.4426950408889634
+# Most programs one decoding sequence's keys are split over: each split adds a partial [rows, head_dim]
+# float32 result to merge, and below ~1k keys per split the merge costs more than it saves.
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -46,6 +54,8 @@ def _paged_attention_kernel(
     query_start_ptr,  # [num_seqs + 1] int32
     kv_len_ptr,       # [num_seqs] int32
     skip_ptr,         # [num_seqs, 2] int32 (read when HAS_SKIP)
+    part_acc_ptr,     # [num_seqs, KVH, NUM_SPLITS, BLOCK_M, HEAD_PAD] fp32 (written when NUM_SPLITS > 1)
+    part_ml_ptr,      # [num_seqs, KVH, NUM_SPLITS, 2, BLOCK_M] fp32: running max and sum of each split
     # sizes
     qk_scale,         # scale · log2(e): the softmax runs in base 2
     window,           # positions each query sees (read when HAS_WINDOW)
@@ -71,10 +81,12 @@ def _paged_attention_kernel(
     HAS_SKIP: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # > 1 (decode only): programs share one sequence's keys, then `_combine_kernel`
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_block = tl.program_id(2)
+    q_block = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
 
     q_first = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_first
@@ -108,6 +120,10 @@ def _paged_attention_kernel(
         first_pos = kv_len - q_len + q_block * BLOCK_Q - shift - window + 1
         first_idx = tl.where(first_pos >= skip_lo, first_pos + shift, first_pos)
         kv_begin = tl.maximum(first_idx, 0) // BLOCK_N * BLOCK_N
+    if NUM_SPLITS > 1:  # this program's share of the key tiles
+        per_split = ((kv_end - kv_begin + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS * BLOCK_N
+        kv_begin = kv_begin + split * per_split
+        kv_end = tl.minimum(kv_end, kv_begin + per_split)
     k_base = k_ptr + kv_head.to(tl.int64) * stride_k_h
     v_base = v_ptr + kv_head.to(tl.int64) * stride_v_h
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -148,9 +164,74 @@ def _paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part * (BLOCK_M * HEAD_PAD) + offs_m[:, None] * HEAD_PAD + offs_d[None, :], acc)
+        tl.store(part_ml_ptr + part * (2 * BLOCK_M) + offs_m, m_i)
+        tl.store(part_ml_ptr + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i)
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr,            # [T, H, D]
+    query_start_ptr,  # [num_seqs + 1] int32
+    part_acc_ptr,     # [num_seqs, KVH, NUM_SPLITS, BLOCK_M, HEAD_PAD] fp32
+    part_ml_ptr,      # [num_seqs, KVH, NUM_SPLITS, 2, BLOCK_M] fp32
+    stride_o_t,
+    stride_o_h,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """out[row of seq, heads of kv_head] = the splits' partial softmax-weighted sums, merged (decode)."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_first = tl.load(query_start_ptr + seq)
+    if tl.load(query_start_ptr + seq + 1) == q_first:  # a padding sequence
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, HEAD_PAD), 0.0, tl.float32)
+    first = (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * NUM_SPLITS
+    for split in range(NUM_SPLITS):
+        part = first + split
+        m_s = tl.load(part_ml_ptr + part * (2 * BLOCK_M) + offs_m)
+        l_s = tl.load(part_ml_ptr + part * (2 * BLOCK_M) + BLOCK_M + offs_m)
+        acc_s = tl.load(part_acc_ptr + part * (BLOCK_M * HEAD_PAD) + offs_m[:, None] * HEAD_PAD + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split has seen a key yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    g = offs_m % GROUP_PAD
+    row_ok = (offs_m < GROUP_PAD) & (g < GROUP)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptr + q_first.to(tl.int64) * stride_o_t + (kv_head * GROUP + g)[:, None] * stride_o_h
+             + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(programs: int, device: torch.device) -> int:
+    """Key ranges per (sequence, KV head) at decode: enough programs for about two waves of the GPU's
+    SMs when the batch alone gives fewer, at most MAX_SPLITS; 1 off CUDA (interpreted)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * _num_sms(device.index or 0) // programs)))
 
 
 def tile_shape(group: int, max_query_len: int, cfg: dict) -> dict:
@@ -213,13 +294,28 @@ def paged_attention(
 
     cfg = config or attention_configs.kernel_config(attention_configs.shape_class(max_query_len))
     tile = tile_shape(num_heads // kv_heads, max_query_len, cfg)
-    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tile["BLOCK_Q"]))
+    head_pad = max(16, next_pow2(head_dim))
+    splits = 1 if max_query_len > 1 else cfg.get("num_splits") or decode_splits(num_seqs * kv_heads, q.device)
+    part_acc = part_ml = out  # not read with one split
+    if splits > 1:
+        part_acc = torch.empty(num_seqs, kv_heads, splits, tile["BLOCK_M"], head_pad, dtype=torch.float32,
+                               device=q.device)
+        part_ml = torch.empty(num_seqs, kv_heads, splits, 2, tile["BLOCK_M"], dtype=torch.float32, device=q.device)
+    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tile["BLOCK_Q"]) * splits)
     for_current_mode(_paged_attention_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, query_start, kv_lens, kv_lens if skip is None else skip,
+        part_acc, part_ml,
         scale * LOG2E, window or 0, block_size,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        **tile, HEAD_DIM=head_dim, HEAD_PAD=max(16, next_pow2(head_dim)), HAS_SKIP=skip is not None,
-        HAS_WINDOW=window is not None, FP32_DOT=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **tile, HEAD_DIM=head_dim, HEAD_PAD=head_pad, HAS_SKIP=skip is not None, HAS_WINDOW=window is not None,
+        FP32_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
+    if splits > 1:
+        for_current_mode(_combine_kernel)[(num_seqs, kv_heads)](
+            out, query_start, part_acc, part_ml, out.stride(0), out.stride(1),
+            GROUP=tile["GROUP"], GROUP_PAD=tile["GROUP_PAD"], BLOCK_M=tile["BLOCK_M"], HEAD_DIM=head_dim,
+            HEAD_PAD=head_pad, NUM_SPLITS=splits, num_warps=4,
+        )
     return out
