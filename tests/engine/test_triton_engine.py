@@ -4,7 +4,6 @@ batch of the base model and every adapter type gives peft's greedy tokens."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.kernels import expand, shrink
 from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
