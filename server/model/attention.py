@@ -234,22 +234,19 @@ class PagedBatch:
         """Sequences in row order (each one's rows follow the previous one's)."""
         num_seqs, max_blocks = len(query_lens), max(len(table) for table in tables)
         has_skip = any(skip is not None for skip in skips)
-        host = torch.zeros(2 * num_seqs + 1 + (2 * num_seqs if has_skip else 0) + num_seqs * max_blocks,
-                           dtype=torch.int32)
-        starts = [0]
+        values = [0]
         for n in query_lens:
-            starts.append(starts[-1] + n)
-        host[: num_seqs + 1] = torch.tensor(starts, dtype=torch.int32)
-        host[num_seqs + 1 : 2 * num_seqs + 1] = torch.tensor(kv_lens, dtype=torch.int32)
-        offset = 2 * num_seqs + 1
+            values.append(values[-1] + n)
+        values.extend(kv_lens)
         if has_skip:
-            host[offset : offset + 2 * num_seqs] = torch.tensor([v for skip in skips for v in (skip or (0, 0))],
-                                                                dtype=torch.int32)
-            offset += 2 * num_seqs
-        tables_host = host[offset:].view(num_seqs, max_blocks)
-        for i, table in enumerate(tables):
-            tables_host[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        buffer = host.to(device)  # one copy for the whole step
+            values.extend(v for skip in skips for v in (skip or (0, 0)))
+        offset = len(values)
+        for table in tables:
+            values.extend(table)
+            values.extend([0] * (max_blocks - len(table)))
+        # pinned and non-blocking: the copy queues behind the step's work instead of waiting for it
+        pinned = device.type == "cuda"
+        buffer = torch.tensor(values, dtype=torch.int32, pin_memory=pinned).to(device, non_blocking=pinned)
         return cls(
             block_tables=buffer[offset:].view(num_seqs, max_blocks),
             query_start=buffer[: num_seqs + 1],
