@@ -59,7 +59,6 @@ def _paged_attention_kernel(
     # sizes
     qk_scale,         # scale · log2(e): the softmax runs in base 2
     window,           # positions each query sees (read when HAS_WINDOW)
-    block_size,
     # strides (in elements; every last dimension has unit stride)
     stride_q_t,
     stride_q_h,
@@ -76,6 +75,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,     # query tokens per tile
     BLOCK_M: tl.constexpr,     # rows per tile, >= BLOCK_Q * GROUP_PAD
     BLOCK_N: tl.constexpr,     # keys per iteration
+    BLOCK_SIZE: tl.constexpr,  # cache block size: a power of two divides by a shift
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,    # next power of two
     HAS_SKIP: tl.constexpr,
@@ -134,8 +134,8 @@ def _paged_attention_kernel(
     for start in range(kv_begin, kv_end, BLOCK_N):
         idx = start + tl.arange(0, BLOCK_N)
         idx_ok = idx < kv_end
-        block = tl.load(table + idx // block_size, mask=idx_ok, other=0)
-        slots = block.to(tl.int64) * block_size + idx % block_size
+        block = tl.load(table + idx // BLOCK_SIZE, mask=idx_ok, other=0)
+        slots = block.to(tl.int64) * BLOCK_SIZE + idx % BLOCK_SIZE
         kv_mask = idx_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + slots[:, None] * stride_k_s + offs_d[None, :], mask=kv_mask, other=0.0)
         if FP32_DOT:
@@ -305,10 +305,11 @@ def paged_attention(
     for_current_mode(_paged_attention_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, query_start, kv_lens, kv_lens if skip is None else skip,
         part_acc, part_ml,
-        scale * LOG2E, window or 0, block_size,
+        scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0),
-        **tile, HEAD_DIM=head_dim, HEAD_PAD=head_pad, HAS_SKIP=skip is not None, HAS_WINDOW=window is not None,
+        **tile, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, HAS_SKIP=skip is not None,
+        HAS_WINDOW=window is not None,
         FP32_DOT=q.dtype == torch.float32, NUM_SPLITS=splits, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

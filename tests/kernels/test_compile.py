@@ -92,7 +92,7 @@ def test_paged_attention_compiles_for_sm90(shape_class, dtype, has_skip, splits)
     tile = tile_shape(4, 1 if shape_class == "decode" else 512, cfg)
     heads = dict(HEAD_DIM=128, HEAD_PAD=128, NUM_SPLITS=splits)
     attention = compile_kernel(_paged_attention_kernel, dtype, ("q_ptr", "k_ptr", "v_ptr", "o_ptr"),
-                               tile | heads | dict(HAS_SKIP=has_skip, HAS_WINDOW=has_skip, FP32_DOT=dtype == "fp32"),
+                               tile | heads | dict(BLOCK_SIZE=16, HAS_SKIP=has_skip, HAS_WINDOW=has_skip, FP32_DOT=dtype == "fp32"),
                                cfg["num_warps"], cfg["num_stages"])
     assert len(attention.asm["cubin"]) > 0
     if splits > 1:
