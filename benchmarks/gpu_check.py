@@ -10,20 +10,26 @@ first; each is independent (a failure is recorded with its traceback and the nex
 1. kernels   Triton shrink/expand in bfloat16 and float16 against the float32 reference (mixed ranks,
              poisoned rank padding, 1-3 unequal slices, every adapter mix), then one CUDA graph captured
              once and replayed with new slots.
-2. engine    The whole engine in bfloat16 on a random GQA Llama with every adapter type (LoRA with
+2. attention The Triton paged attention kernel in bfloat16 and float16 against the float32 reference
+             (decode and prefill chunks, ragged contexts ending mid-block, GQA, a window, prefix padding),
+             then decode at 4,096-token contexts (64 sequences, 32 query / 8 KV heads, head_dim 128): K/V
+             bytes over kernel time against measured copy bandwidth (target >= ATTENTION_TARGET), the
+             time of the torch path (gathered K/V + SDPA) on the same batch, and the same fraction for
+             4 sequences (keys split over programs).
+3. engine    The whole engine in bfloat16 on a random GQA Llama with every adapter type (LoRA with
              mixed ranks, DoRA, AdaLoRA, IA3, prefix, prompt, P-tuning) and the base model in one mixed
              batch, against each request alone and against peft's forward: the largest logprob
              difference (peft scoring the engine's own tokens; bound BF16_LOGPROB_TOL), the greedy token
              agreement rate and the first differing position (bf16 near-ties may flip; wrong adapters,
              devices or offsets show as large logprob differences from the first token on).
-3. nf4       The same on an NF4 base (DoRA's norms from the dequantized 4-bit weights), and the peak GPU
+4. nf4       The same on an NF4 base (DoRA's norms from the dequantized 4-bit weights), and the peak GPU
              memory of a 2,048-token prefill.
-4. decode    Decode step time at batch 64 (64 requests, each its own rank-16 LoRA adapter) against the
+5. decode    Decode step time at batch 64 (64 requests, each its own rank-16 LoRA adapter) against the
              bandwidth floor (base weights + each distinct adapter's bytes once / measured copy
              bandwidth), kernel launches per step and the GPU-busy fraction of a step.
-5. load      Host -> device adapter load time (into a device slot) against the PCIe floor (adapter
+6. load      Host -> device adapter load time (into a device slot) against the PCIe floor (adapter
              bytes / measured pinned host-to-device bandwidth).
-6. train     ``loraplex train --method qlora`` and ``--method dora`` for a few dozen steps on the GPU:
+7. train     ``loraplex train --method qlora`` and ``--method dora`` for a few dozen steps on the GPU:
              the loss falls, and the adapter is then served (its greedy tokens against peft's).
 
 With ``--smoke`` every section runs on the CPU at toy sizes; what only CUDA can show (graphs, peak
@@ -58,6 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BF16_LOGPROB_TOL = 0.1
 FLOAT32_LOGPROB_TOL = 1e-3
 NEEDS_CUDA = "skipped: needs CUDA"
+# Paged attention at 4k contexts must read its K/V at this fraction of measured copy bandwidth or more.
+ATTENTION_TARGET = 0.7
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,8 @@ class Sizes:
     vocab: int
     new_tokens: int
     prompt_len: int
-    prefill_tokens: int       # section 3's long prefill
-    decode_batch: int         # section 4
+    prefill_tokens: int       # section 4's long prefill
+    decode_batch: int         # section 5
     decode_hidden: int
     decode_layers: int
     decode_intermediate: int
@@ -127,6 +135,61 @@ def section_kernels(ctx: Context) -> dict:
     failures = sum(not row["ok"] for row in rows) + (graph not in (None, NEEDS_CUDA))
     return dict(ok=failures == 0, failures=failures, cases=rows,
                 cuda_graph="ok" if graph is None else graph)
+
+
+# ----------------------------------------------------------------------------- 2. attention
+def section_attention(ctx: Context) -> dict:
+    from types import SimpleNamespace
+
+    from attention_common import workload
+    from lora_common import timer
+    from loraplex.kernels.triton.paged_attention import decode_splits
+    from loraplex.server.model import attention
+
+    heads = dict(heads=32, kv_heads=8, head_dim=128) if ctx.cuda else dict(heads=4, kv_heads=2, head_dim=16)
+    # (query_lens, kv_lens, window, skips): decode + chunks, a window, prefix padding hidden
+    cases = [([1, 1, 7, 1, 16], [1, 37, 40, 130, 16], None, None),
+             ([1, 5, 1], [50, 29, 9], 12, None),
+             ([1, 3], [45, 23], None, [(13, 16), (13, 16)])]
+    dtypes = (torch.float16, torch.float32) if ctx.smoke else (torch.bfloat16, torch.float16)
+    rows = []
+    for dtype in dtypes:
+        tolerance = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+        for seed, (query_lens, kv_lens, window, skips) in enumerate(cases):
+            load = workload(ctx.device, dtype, query_lens, kv_lens, **heads, window=window, skips=skips, seed=seed)
+            error = (load.run().float() - load.reference()).abs().max().item()
+            rows.append(dict(dtype=str(dtype).replace("torch.", ""), query_lens=query_lens, kv_lens=kv_lens,
+                             window=window, prefix=skips is not None, max_abs_error=error, ok=error <= tolerance))
+
+    batch, context = (64, 4096) if ctx.cuda else (2, 40)
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    load = workload(ctx.device, dtype, [1] * batch, [context] * batch, **heads, seed=7)
+    bench = timer(ctx.device)
+    kernel_s = bench(load.run)
+    bandwidth = copy_bandwidth(ctx)
+    fraction = load.kv_bytes / kernel_s / bandwidth
+    # a small batch: its keys split over programs (decode_splits) to fill the GPU
+    small = workload(ctx.device, dtype, [1] * 4, [context] * 4, **heads, seed=8)
+    small_s = bench(small.run)
+
+    # the torch path on the same batch: gathered blocks, one SDPA call
+    cache = attention.PagedKVCache(1, load.k_cache.shape[0] // load.block_size, load.block_size,
+                                   heads["kv_heads"], heads["head_dim"], dtype, ctx.device)
+    cache.k[0], cache.v[0] = load.k_cache, load.v_cache
+    decode = attention.DecodeBatch.build(list(range(batch)), load.tables, load.kv_lens, load.block_size, ctx.device,
+                                         attention.GATHER_MAX_ELEMENTS // (heads["kv_heads"] * heads["head_dim"]))
+    meta = attention.AttentionMeta(cache, torch.empty(0, dtype=torch.long, device=ctx.device), [], decode=decode)
+    query = load.q.transpose(0, 1)[None]
+    module = SimpleNamespace(layer_idx=0)
+    torch_s = bench(lambda: attention.attend(module, query, None, None, meta, None, None))
+    failures = sum(not row["ok"] for row in rows)
+    return dict(ok=failures == 0 and (fraction >= ATTENTION_TARGET or not ctx.cuda), failures=failures, cases=rows,
+                decode_batch=batch, context=context, kv_bytes=load.kv_bytes, kernel_s=kernel_s,
+                copy_bandwidth_gb_s=bandwidth / 1e9, kv_gb_s=load.kv_bytes / kernel_s / 1e9,
+                fraction_of_copy_bandwidth=fraction, target=ATTENTION_TARGET, torch_path_s=torch_s,
+                speedup_over_torch_path=torch_s / kernel_s, small_batch=4,
+                small_batch_splits=decode_splits(4 * heads["kv_heads"], ctx.device), small_batch_s=small_s,
+                small_batch_fraction_of_copy_bandwidth=small.kv_bytes / small_s / bandwidth)
 
 
 # ----------------------------------------------------------------------------- models and adapters
@@ -340,7 +403,7 @@ def compare_with_peft(ctx: Context, quantization: str, kinds: tuple[str, ...] = 
                 adapters=rows, model=str(model_dir))
 
 
-# ----------------------------------------------------------------------------- 2. / 3.
+# ----------------------------------------------------------------------------- 3. / 4.
 def section_engine(ctx: Context) -> dict:
     return compare_with_peft(ctx, "none")
 
@@ -374,7 +437,7 @@ def section_nf4(ctx: Context) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- 4. decode
+# ----------------------------------------------------------------------------- 5. decode
 def copy_bandwidth(ctx: Context) -> float:
     from lora_common import copy_bandwidth as measure
 
@@ -470,7 +533,7 @@ def profile_step(ctx: Context, engine, requests) -> dict:
                 gpu_busy_fraction=busy / wall, profiled_step_s=wall)
 
 
-# ----------------------------------------------------------------------------- 5. load
+# ----------------------------------------------------------------------------- 6. load
 def section_load(ctx: Context) -> dict:
     from loraplex.server.adapters.loader import load_adapter
 
@@ -513,7 +576,7 @@ def section_load(ctx: Context) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- 6. train
+# ----------------------------------------------------------------------------- 7. train
 def section_train(ctx: Context) -> dict:
     from importlib import resources
 
@@ -556,7 +619,8 @@ def section_train(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-SECTIONS = (("kernels", section_kernels), ("engine", section_engine), ("nf4", section_nf4),
+SECTIONS = (("kernels", section_kernels), ("attention", section_attention), ("engine", section_engine),
+            ("nf4", section_nf4),
             ("decode", section_decode), ("load", section_load), ("train", section_train))
 
 

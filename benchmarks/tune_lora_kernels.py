@@ -15,11 +15,9 @@ too much shared memory) are skipped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
 import pprint
-import re
 import sys
 from pathlib import Path
 
@@ -33,10 +31,9 @@ from loraplex.kernels.triton import configs  # noqa: E402
 from loraplex.kernels.triton.expand import triton_expand  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402
 from loraplex.kernels.triton.shrink import triton_shrink  # noqa: E402
+from tuning import BEGIN, END, emit, provenance  # noqa: E402
 
 CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "configs.py"
-BEGIN = "# --- BEGIN TUNED TABLE"
-END = "# --- END TUNED TABLE ---"
 
 
 def search_space(shape_class: str, quick: bool, smoke: bool, allow_split_k: bool = False) -> dict:
@@ -148,23 +145,8 @@ def main() -> int:
                                   args.allow_split_k)
         table[shape_class] = entry
         totals.append(f"{shape_class} {total * 1e6:.0f} µs")
-    import triton
-    note = (f"Tuned on {card}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{datetime.date.today()}: {', '.join(totals)} (sum over the benchmark's groups and cases).")
-    block = render(table, note)
-    print("\n" + block)
-    if args.write:
-        if args.smoke:
-            print("--smoke: not writing a table tuned on toy shapes", file=sys.stderr)
-            return 0
-        text = CONFIGS_PY.read_text()
-        new, n = re.subn(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        if n != 1:
-            print(f"markers not found in {CONFIGS_PY}", file=sys.stderr)
-            return 1
-        CONFIGS_PY.write_text(new)
-        print(f"wrote {CONFIGS_PY}")
-    return 0
+    block = render(table, provenance(card, totals, "sum over the benchmark's groups and cases"))
+    return emit(block, CONFIGS_PY, args.write, args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Plain torch references for shrink and expand: a loop over slots, in fp32. The test oracle.
+"""Plain torch references for shrink and expand (a loop over slots) and paged attention (a loop over
+sequences), in fp32. The test oracles.
 
 They read the per-token slot vector directly (not ``LoRAMeta``), so tests of the kernels also test
 the metadata. Shapes and semantics are those of ``ops.lora_shrink`` / ``ops.lora_expand``:
@@ -64,3 +65,42 @@ def expand_reference(
             cols = y[idx, off:off + w].float() + float(scalings[i, slot]) * delta
             y[idx, off:off + w] = cols.to(y.dtype)
     return y
+
+
+def paged_attention_reference(
+    q: torch.Tensor,                # [T, H, D]
+    k_cache: torch.Tensor,          # [slots, KVH, D]
+    v_cache: torch.Tensor,          # [slots, KVH, D]
+    tables: Sequence[Sequence[int]],  # each sequence's block table
+    query_lens: Sequence[int],      # each sequence's rows, in row order
+    kv_lens: Sequence[int],         # each sequence's cache entries, this step's included
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    skips: Sequence[tuple[int, int] | None] | None = None,  # hidden KV index ranges (prefix padding)
+) -> torch.Tensor:
+    """fp32 [T, H, D]: SDPA per sequence over its gathered context, causal (and windowed) by position;
+    the semantics of ``kernels/triton/paged_attention.py``."""
+    import torch.nn.functional as F
+
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    row = 0
+    for i, (table, n, kv_len) in enumerate(zip(tables, query_lens, kv_lens)):
+        idx = torch.arange(kv_len, device=q.device)
+        slots = torch.tensor(list(table), device=q.device)[idx // block_size] * block_size + idx % block_size
+        skip = skips[i] if skips is not None else None
+        if skip is not None:
+            slots = slots[(idx < skip[0]) | (idx >= skip[1])]
+        k = k_cache[slots].float().transpose(0, 1)[None]  # [1, KVH, ctx, D]
+        v = v_cache[slots].float().transpose(0, 1)[None]
+        ctx = k.shape[2]
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        qs = q[row : row + n].float().transpose(0, 1)[None]  # [1, H, n, D]
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[row : row + n] = o[0].transpose(0, 1)
+        row += n
+    return out

@@ -17,24 +17,59 @@ positions), so memory stays proportional to the tokens attended. Fresh prefills 
 without touching the cache. Other chunks (a chunked prefill's later parts, prefix-tuning sequences)
 keep one call per sequence over their gathered context.
 
+The backend is chosen once, when the model runner is built (`select_backend`):
+
+    LORAPLEX_ATTENTION_BACKEND=triton|torch|native
+
+- triton (the default on CUDA): every sequence of the step, decode and prefill chunks alike, in one
+  launch of the Triton paged attention kernel (`kernels/triton/paged_attention.py`) that reads K/V
+  straight from the cache through each sequence's block table (`PagedBatch`);
+- native (the default for float32 models on CPU): decoding sequences through the C kernel, the rest
+  as torch;
+- torch: gathered K/V and SDPA as described above.
+
 Cache layout per layer: `k[layer]`, `v[layer]`: `[num_blocks * block_size, kv_heads, head_dim]`; the
 slot of position p of a sequence is `block_table[p // block_size] * block_size + p % block_size`.
 """
 
 from __future__ import annotations
 
+import array
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from loraplex.kernels.cpu import native
+from loraplex.kernels.triton.paged_attention import paged_attention as triton_paged_attention
+from loraplex.kernels.triton.utils import interpreting
+from loraplex.server.errors import UserError
 
 ATTENTION_NAME = "loraplex_paged"
 # Keys (and as many values) one gathered decode call may hold, in elements (128 MiB each in bfloat16):
 # a long context decodes in a call of its own rather than padding every other sequence to its length.
 GATHER_MAX_ELEMENTS = 64 * 2**20
 META_KWARG = "loraplex_attention"
+BACKEND_ENV = "LORAPLEX_ATTENTION_BACKEND"
+BACKENDS = ("triton", "torch", "native")
+
+
+def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``$LORAPLEX_ATTENTION_BACKEND`` if set, else "triton" on CUDA, "native" for float32 on CPU where
+    the C kernel builds, else "torch"; raises a UserError for a backend that cannot serve the model."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    probe = torch.empty(0, dtype=dtype, device=device)
+    if not forced:
+        return "triton" if device.type == "cuda" else "native" if native.takes_float32(probe) else "torch"
+    if forced not in BACKENDS:
+        raise UserError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    if forced == "triton" and device.type != "cuda" and not interpreting():
+        raise UserError(f"{BACKEND_ENV}=triton needs a CUDA device (or TRITON_INTERPRET=1), the model is on {device}")
+    if forced == "native" and not native.takes_float32(probe):
+        why = native.unavailable_reason() or f"the model is {str(dtype).replace('torch.', '')} on {device}"
+        raise UserError(f"{BACKEND_ENV}=native runs float32 models on CPU with the C kernel: {why}")
+    return forced
 
 
 class PagedKVCache:
@@ -176,6 +211,55 @@ class PrefillBatch:
 
 
 @dataclass
+class PagedBatch:
+    """Every sequence of the step for the Triton kernel, as int32 views of one buffer sent in one copy.
+
+    Worked example, block_size 4: a decode at length 6 (table [7, 2]) at row 0, then a 3-token chunk
+    of a sequence with 5 entries cached (table [5, 1]) at rows 1-3: query_start [0, 1, 4], kv_lens
+    [6, 8], block_tables [[7, 2], [5, 1]], max_query_len 3.
+    """
+
+    block_tables: torch.Tensor
+    """[num_seqs, max_blocks] int32, each table padded with block 0."""
+    query_start: torch.Tensor
+    """[num_seqs + 1] int32: sequence s has rows [query_start[s], query_start[s + 1])."""
+    kv_lens: torch.Tensor
+    """[num_seqs] int32: cache entries of each sequence, this step's included."""
+    max_query_len: int
+    skip: torch.Tensor | None = None
+    """[num_seqs, 2] int32: KV indices hidden from attention (prefix-tuning padding); None: none."""
+
+    @classmethod
+    def build(cls, query_lens: list[int], kv_lens: list[int], tables: list[list[int]],
+              skips: list[tuple[int, int] | None], device: torch.device) -> "PagedBatch":
+        """Sequences in row order (each one's rows follow the previous one's)."""
+        num_seqs, max_blocks = len(query_lens), max(len(table) for table in tables)
+        has_skip = any(skip is not None for skip in skips)
+        values = [0]
+        for n in query_lens:
+            values.append(values[-1] + n)
+        values.extend(kv_lens)
+        if has_skip:
+            values.extend(v for skip in skips for v in (skip or (0, 0)))
+        offset = len(values)
+        for table in tables:
+            values.extend(table)
+            values.extend([0] * (max_blocks - len(table)))
+        host = torch.frombuffer(array.array("i", values), dtype=torch.int32)  # a third of torch.tensor(list)'s cost
+        buffer = host
+        if device.type == "cuda":  # pinned and non-blocking: the copy queues behind the step's work
+            pinned = torch.empty(host.shape, dtype=torch.int32, pin_memory=True).copy_(host)
+            buffer = pinned.to(device, non_blocking=True)
+        return cls(
+            block_tables=buffer[offset:].view(num_seqs, max_blocks),
+            query_start=buffer[: num_seqs + 1],
+            kv_lens=buffer[num_seqs + 1 : 2 * num_seqs + 1],
+            max_query_len=max(query_lens),
+            skip=buffer[2 * num_seqs + 1 : offset].view(num_seqs, 2) if has_skip else None,
+        )
+
+
+@dataclass
 class AttentionMeta:
     cache: PagedKVCache
     slot_mapping: torch.Tensor
@@ -188,6 +272,10 @@ class AttentionMeta:
     """Fresh prefill chunks, one batch per length."""
     masks: dict = field(default_factory=dict)
     """(query_len, context_len, window) -> causal mask, built once per step (every layer uses it)."""
+    backend: str = "torch"
+    """`select_backend`'s choice: "native" sends `decode` to the C kernel."""
+    paged: PagedBatch | None = None
+    """The whole step for the Triton kernel (backend "triton"; spans, decode and prefills are then empty)."""
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -229,11 +317,17 @@ def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     k_cache, v_cache = meta.cache.k[module.layer_idx], meta.cache.v[module.layer_idx]
     num_heads, head_dim = query.shape[1], query.shape[3]
     output = torch.empty(query.shape[2], num_heads, head_dim, dtype=query.dtype, device=query.device)
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    paged = meta.paged
+    if paged is not None:
+        triton_paged_attention(query[0].transpose(0, 1), k_cache, v_cache, output, paged.block_tables,
+                               paged.query_start, paged.kv_lens, paged.max_query_len, meta.cache.block_size,
+                               scale, window, paged.skip)
+        return output.unsqueeze(0)
     decode = meta.decode
-    if decode is not None and native.takes_float32(query, k_cache):
+    if decode is not None and meta.backend == "native":
         native.decode_attention(query[0].transpose(0, 1), decode.rows, k_cache, v_cache, decode.blocks,
-                                decode.blocks_per_seq, meta.cache.block_size, decode.lengths, window,
-                                head_dim ** -0.5 if scaling is None else scaling, output)
+                                decode.blocks_per_seq, meta.cache.block_size, decode.lengths, window, scale, output)
     elif decode is not None:
         for part in decode.groups or [decode]:  # one group at a time: its gathered K/V are freed before the next
             if part.row_range is not None:

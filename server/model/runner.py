@@ -104,6 +104,8 @@ class ModelRunner:
 
         attention.register()
         self.model.set_attn_implementation(attention.ATTENTION_NAME)
+        self.attention_backend = attention.select_backend(self.device, self.dtype)
+        log.info("attention backend: %s", self.attention_backend)
 
         adapters = config.adapters
         self.num_slots = adapters.max_device_adapters
@@ -235,6 +237,8 @@ class ModelRunner:
         virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
         bs = self.block_size
+        triton = self.attention_backend == "triton"
+        paged: list[tuple[int, StepInput]] = []  # (n, input) of every sequence, in row order (triton)
         for i in order:
             item = inputs[i]
             num_virtual = 0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0]
@@ -243,6 +247,8 @@ class ModelRunner:
             if item.samples:
                 keep[i] = row + n - 1
             token_slots.extend([item.slot] * n)
+            if triton:
+                paged.append((n, item))
             if n == 1 and not num_virtual and item.skip is None:  # decoding: plain Python, no tensors
                 position = item.start
                 token_ids.append(item.token_ids[0])
@@ -270,15 +276,18 @@ class ModelRunner:
                 context_slots = torch.cat([context_slots[:low], context_slots[high:]])
                 shift = high - low
             positions.extend(range(item.start - shift, end - shift))
-            spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
+            if not triton:
+                spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
 
         device = self.device
         meta = attention.AttentionMeta(
             cache=self.kv_cache,
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             spans=spans,
-            decode=self._decode_batch(decoding) if decoding else None,
-            prefills=self._prefill_batches(fresh),
+            decode=self._decode_batch(decoding) if decoding and not triton else None,
+            prefills=[] if triton else self._prefill_batches(fresh),
+            backend=self.attention_backend,
+            paged=self._paged_batch(paged) if triton else None,
         )
         sampling = [i for i in range(len(inputs)) if i in keep]
         keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
@@ -310,6 +319,12 @@ class ModelRunner:
         return attention.DecodeBatch.build([row for row, _ in decoding], [item.block_table for _, item in decoding],
                                            [item.start + 1 for _, item in decoding], self.block_size, self.device,
                                            self.max_gather_tokens)
+
+    def _paged_batch(self, sequences: list[tuple[int, StepInput]]) -> attention.PagedBatch:
+        """Every sequence's rows, cache length, block table and hidden prefix padding (Triton kernel)."""
+        return attention.PagedBatch.build([n for n, _ in sequences], [item.start + n for n, item in sequences],
+                                          [item.block_table for _, item in sequences],
+                                          [item.skip for _, item in sequences], self.device)
 
     def _prefill_batches(self, fresh: list[tuple[int, int]]) -> list[attention.PrefillBatch]:
         """Fresh prefills grouped by length; a group's rows are a view when they are consecutive."""

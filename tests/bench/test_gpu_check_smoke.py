@@ -43,13 +43,17 @@ def test_smoke_runs_every_section(gpu_check, monkeypatch, tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert code == 0, {name: section.get("traceback") for name, section in sections.items()}
-    assert list(sections) == ["kernels", "engine", "nf4", "decode", "load", "train"]
+    assert list(sections) == ["kernels", "attention", "engine", "nf4", "decode", "load", "train"]
     assert all(section["status"] == "ok" for section in sections.values())
     assert report["environment"]["smoke"] is True
 
     kernels = sections["kernels"]
     assert kernels["cases"] and all(case["ok"] for case in kernels["cases"])
     assert kernels["cuda_graph"] == NEEDS_CUDA
+    attention = sections["attention"]
+    assert attention["cases"] and all(case["ok"] for case in attention["cases"])
+    assert attention["kernel_s"] > 0 and attention["torch_path_s"] > 0 and attention["kv_bytes"] > 0
+    assert attention["fraction_of_copy_bandwidth"] > 0  # interpreted on CPU: a number, not a measurement
     engine = sections["engine"]
     assert set(engine["adapters"]) == {"base", "lora", "dora", "adalora", "ia3", "prefix", "prompt", "p-tuning"}
     for row in engine["adapters"].values():  # float32: the mixed batch is peft's forward and each request alone

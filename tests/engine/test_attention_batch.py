@@ -37,7 +37,10 @@ def run(meta: attention.AttentionMeta, query, key, value, window):
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("lengths", [[7, 3, 12, 1], [8, 8, 8, 8], [5, 5, 5, 5]], ids=["ragged", "full-blocks", "equal"])
 @pytest.mark.parametrize("prefill_between", [False, True])
-def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_between):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_between, backend):
+    if backend == "native" and not attention.native.available():
+        pytest.skip(f"C kernel unavailable: {attention.native.unavailable_reason()}")
     gen = torch.Generator().manual_seed(1)
     tables = [[3 + 4 * i, 20 + i, 9 + i, 30 - i][: -(-length // BLOCK)] for i, length in enumerate(lengths)]
     decoding = []  # (row, StepInput) as the model runner collects them
@@ -65,7 +68,8 @@ def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_b
     extra = [prefill] if prefill is not None else []
     mapping = torch.tensor(slot_mapping)
     one_by_one = run(attention.AttentionMeta(make_cache(), mapping, spans + extra), query, key, value, window)
-    batched = run(attention.AttentionMeta(make_cache(), mapping, extra, decode=batch), query, key, value, window)
+    batched = run(attention.AttentionMeta(make_cache(), mapping, extra, decode=batch, backend=backend),
+                  query, key, value, window)
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     if lengths == [8, 8, 8, 8] and window is None:
         assert batch.mask(None, 8) is None  # contexts fill their blocks: attended without a mask
@@ -106,7 +110,6 @@ def test_gathered_decode_memory_is_proportional_to_the_tokens_attended(monkeypat
     """One long context among short ones: the gathering path (GPU, or CPU without the C kernel) must
     not pad every sequence to the longest; each call gathers at most max_gather_tokens positions
     (or one sequence), and all calls together at most twice the attended blocks."""
-    monkeypatch.setattr(attention.native, "takes_float32", lambda *tensors: False)
     gen = torch.Generator().manual_seed(3)
     lengths = [60, 3, 5, 6, 2, 7]
     tables, next_block = [], 1

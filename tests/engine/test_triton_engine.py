@@ -1,17 +1,16 @@
-"""The whole engine through the Triton LoRA kernels (interpreted on CPU, float32): a mixed batch of the
-base model, LoRA with mixed ranks, DoRA, IA3 and prompt tuning gives peft's greedy tokens."""
+"""The whole engine through the Triton LoRA and attention kernels (interpreted on CPU, float32): a mixed
+batch of the base model and every adapter type gives peft's greedy tokens."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.kernels.triton import expand, shrink
 from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
 
-MAX_NEW = 6
-KINDS = ("lora-mixed-ranks", "dora", "ia3", "prompt")
+MAX_NEW = 4
+KINDS = ("lora-mixed-ranks", "dora", "adalora", "ia3", "prefix", "prompt", "p-tuning")
 
 
 @pytest.fixture
@@ -30,29 +29,45 @@ def triton_backend(monkeypatch):
     return launches
 
 
-def test_mixed_batch_through_the_triton_kernels_matches_peft(demo_model_dir, tmp_path, monkeypatch, triton_backend):
+def test_every_adapter_type_through_triton_attention_and_lora_kernels_matches_peft(
+        demo_model_dir, tmp_path, monkeypatch, triton_backend):
+    """Both Triton backends, one mixed batch of every adapter type (a prefix adapter's blocks shared
+    by two requests), prefills chunked by a small token budget so chunks attend to cached context,
+    block_size 4 so contexts end mid-block."""
     import peft
+
+    from loraplex.server.engine.scheduler import SchedulerConfig
+    from loraplex.server.model import attention
 
     monkeypatch.setitem(TYPE_CONFIGS, "lora-mixed-ranks", lambda: peft.LoraConfig(
         r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
         rank_pattern={"q_proj": 2, "down_proj": 16, "layers.1.mlp.up_proj": 5}))
-    adapters = {kind: make_adapter(demo_model_dir, tmp_path / kind, kind, seed=50 + i) for i, kind in enumerate(KINDS)}
-    engine = make_engine(demo_model_dir, max_device_adapters=len(adapters))
-    prompt = engine.tokenizer.encode(PROMPTS[0])
-    expected = {}
-    for name in (None, *adapters):
-        model = load_peft(demo_model_dir, adapters[name] if name else None)
-        expected[name] = oracle(model, prompt, MAX_NEW, None)
-    assert all(expected[name][0] != expected[None][0] for name in adapters)  # each adapter changes the tokens
 
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    calls = []
+    kernel = attention.triton_paged_attention
+    monkeypatch.setattr(attention, "triton_paged_attention",
+                        lambda *args, **kwargs: calls.append(args[7]) or kernel(*args, **kwargs))
+    adapters = {kind: make_adapter(demo_model_dir, tmp_path / kind, kind, seed=70 + i)
+                for i, kind in enumerate(KINDS)}
+    scheduler = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=24, max_adapters=8, max_model_len=2048)
+    engine = make_engine(demo_model_dir, max_device_adapters=len(adapters), block_size=4, scheduler=scheduler)
+    assert engine.runner.attention_backend == "triton"
+    requests = [(None, 0), *((kind, 0) for kind in KINDS), ("prefix", 1)]
+    expected = {}
+    for name in (None, *KINDS):
+        model = load_peft(demo_model_dir, adapters[name] if name else None)
+        for p in {p for n, p in requests if n == name}:
+            expected[(name, p)] = oracle(model, engine.tokenizer.encode(PROMPTS[p]), MAX_NEW, None)
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
-    results = {name: submit(engine, f"r-{name}", PROMPTS[0], adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
-               for name in (None, *adapters)}
+    results = {(name, p): submit(engine, f"r-{name}-{p}", PROMPTS[p], adapter=name, max_new_tokens=MAX_NEW,
+                                 ignore_eos=True) for name, p in requests}
     run_until_done(engine)
-    assert engine.num_steps <= MAX_NEW + 1  # one batch
+    assert all(expected[(name, 0)][0] != expected[(None, 0)][0] for name in KINDS)  # each adapter changes the tokens
+    assert max(calls) > 1 and min(calls) == 1  # chunked prefill steps and pure decode steps
     assert triton_backend["shrink"] > 0 and triton_backend["expand"] > 0
-    for name, collected in results.items():
-        tokens, logprobs = expected[name]
-        assert collected.token_ids == tokens, name
-        assert max(abs(a - b) for a, b in zip(collected.logprobs, logprobs)) < 1e-4, name
+    for key, collected in results.items():
+        tokens, logprobs = expected[key]
+        assert collected.token_ids == tokens, key
+        assert max(abs(a - b) for a, b in zip(collected.logprobs, logprobs)) < 1e-4, key
