@@ -24,6 +24,7 @@ slot of position p of a sequence is `block_table[p // block_size] * block_size +
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,18 +93,19 @@ class DecodeBatch:
 
     @classmethod
     def build(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
-              device: torch.device, max_gather_tokens: int) -> "DecodeBatch":
-        """The batch of the step's decoding sequences, with its gathering groups."""
-        batch = cls._one(rows, tables, lengths, block_size, device)
+              tensor: Callable[[list[int]], torch.Tensor], max_gather_tokens: int) -> "DecodeBatch":
+        """The batch of the step's decoding sequences, with its gathering groups; `tensor` puts a
+        list of ints on the device as a long tensor (the runner's step buffer)."""
+        batch = cls._one(rows, tables, lengths, block_size, tensor)
         groups = decode_groups(lengths, block_size, max_gather_tokens)
         if len(groups) > 1:
             batch.groups = [cls._one(*([values[i] for i in group] for values in (rows, tables, lengths)),
-                                     block_size, device) for group in groups]
+                                     block_size, tensor) for group in groups]
         return batch
 
     @classmethod
     def _one(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
-             device: torch.device) -> "DecodeBatch":
+             tensor: Callable[[list[int]], torch.Tensor]) -> "DecodeBatch":
         per_seq = -(-max(lengths) // block_size)
         blocks = []
         for table in tables:
@@ -111,11 +113,11 @@ class DecodeBatch:
             blocks.extend([0] * (per_seq - len(table[:per_seq])))
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         return cls(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            rows=tensor(rows),
             row_range=(rows[0], rows[-1] + 1) if consecutive else None,
-            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            blocks=tensor(blocks),
             blocks_per_seq=per_seq,
-            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+            lengths=tensor(lengths),
             uniform=all(length == per_seq * block_size for length in lengths),
         )
 

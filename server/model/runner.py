@@ -22,6 +22,7 @@ from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
 from loraplex.server.model.decoder import DecoderForward
+from loraplex.server.model.step_buffers import StepBuffers
 from loraplex.server.errors import UserError
 from loraplex.server.adapters.lora import LoRAStepContext, linear_features, wrap_model
 from loraplex.server.model.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
@@ -131,7 +132,7 @@ class ModelRunner:
                                                self.head_dim, self.dtype, self.device)
         self.max_gather_tokens = attention.GATHER_MAX_ELEMENTS // (self.num_kv_heads * self.head_dim)
         """Positions one gathered decode attention call may hold (`attention.decode_groups`)."""
-        self.max_step_tokens = 0
+        self.buffers = StepBuffers(self.device)
         self.lora_meta: LoRAMeta | None = None
         self._meta_slots: list[int] | None = None
         """The token slots lora_meta was last built for."""
@@ -191,47 +192,59 @@ class ModelRunner:
 
     def write_prefix(self, blocks: list[int], prefix_kv: torch.Tensor) -> None:
         """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim]) in `blocks`."""
-        count = prefix_kv.shape[3]
-        table = torch.tensor(blocks, dtype=torch.long)
-        slots = (table[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:count].to(self.device)
+        slots = torch.tensor(self.kv_slots(blocks, 0, prefix_kv.shape[3]), device=self.device)
         for layer in range(self.num_layers):
             kv = prefix_kv[layer].to(self.device, self.kv_cache.k[layer].dtype)
             self.kv_cache.k[layer].index_copy_(0, slots, kv[0].transpose(0, 1))
             self.kv_cache.v[layer].index_copy_(0, slots, kv[1].transpose(0, 1))
 
     # ------------------------------------------------------------------ one step
-    def _lora_meta(self, token_slots: list[int]) -> LoRAMeta | None:
-        if all(slot < 0 for slot in token_slots):
-            self._meta_slots = None
-            return None
-        if self.lora_meta is None or self.lora_meta.max_tokens < len(token_slots):
+    def _lora_meta(self, token_slots: list[int]) -> LoRAMeta:
+        """This step's LoRA layout, built on the host and bound to its part of the step buffer."""
+        meta = self.lora_meta
+        if token_slots != self._meta_slots:  # consecutive decode steps of one batch keep their layout
+            self._meta_slots = None  # a failed build must not pass for the layout it was building
+            meta.build(token_slots, contiguous=True)
+            self._meta_slots = list(token_slots)
+        table = self.buffers.put(meta.host, torch.int32)
+        if table.data_ptr() != meta.table.data_ptr():
+            meta.bind(table)
+            # a new list: what is cached on the old one (native.meta_args) holds the old tables' addresses
+            meta.segments = None if meta.segments is None else list(meta.segments)
+        return meta
+
+    def _bound(self, inputs: list[StepInput]) -> int:
+        """Bytes this step's metadata can take in the step buffer (see `execute`); sizes the LoRA layout."""
+        tokens = sum(len(item.token_ids) + (0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0])
+                     for item in inputs)
+        blocks = max(len(item.block_table) for item in inputs)
+        context = sum(len(item.block_table) for item in inputs) * self.block_size
+        if self.lora_meta is None or self.lora_meta.max_tokens < tokens:
             # grows to the largest step seen; the scratch covers the widest group (q/k/v: 3 slices)
-            self.lora_meta = LoRAMeta.allocate(max(len(token_slots), 256), self.num_slots, self.device,
+            self.lora_meta = LoRAMeta.allocate(max(tokens, 256), self.num_slots, self.device,
                                                max_slices=3, max_rank=self.config.adapters.max_rank)
             self._meta_slots = None
-        if token_slots == self._meta_slots:
-            # consecutive decode steps of one batch have the same layout: the meta is already right
-            return self.lora_meta
-        self._meta_slots = None  # a failed update must not pass for the layout it was building
-        meta = self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
-        self._meta_slots = list(token_slots)
-        return meta
+        arrays = 16 + 4 * len(inputs)
+        elements = 6 * tokens + 4 * len(inputs) * (2 + blocks) + context
+        return 8 * (elements + arrays) + 4 * self.lora_meta.table_numel
 
     @torch.inference_mode()
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
-        """Run one step; returns float32 logits [num sampling inputs, vocab] in input order."""
+        """Run one step; returns float32 logits [num sampling inputs, vocab] in input order.
+
+        All of the step's index arrays are laid out on the host and reach the device in one copy
+        (`StepBuffers`); nothing here reads a device value back."""
         devices.make_current(self.device)  # Triton launches on the calling thread's current device
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
         token_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
         slot_mapping: list[int] = []
-        spans: list[attention.SequenceSpan] = []
+        spans: list[tuple[int, int, list[int]]] = []  # (row, n, context slots): attended one by one
         decoding: list[tuple[int, StepInput]] = []  # (row, input): one query, attended as a batch
         fresh: list[tuple[int, int]] = []  # (row, n): prefills of positions [0, n), batched by n
         virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
-        bs = self.block_size
         for i in order:
             item = inputs[i]
             num_virtual = 0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0]
@@ -240,60 +253,55 @@ class ModelRunner:
             if item.samples:
                 keep[i] = row + n - 1
             token_slots.extend([item.slot] * n)
-            if n == 1 and not num_virtual and item.skip is None:  # decoding: plain Python, no tensors
-                position = item.start
-                token_ids.append(item.token_ids[0])
-                positions.append(position)
-                slot_mapping.append(item.block_table[position // bs] * bs + position % bs)
-                decoding.append((row, item))
-                continue
             if num_virtual:
                 virtual.append((row, item.virtual_embeddings))
             token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
             token_ids.extend(item.token_ids)
             end = item.start + n
-            if item.start == 0 and item.skip is None:  # a fresh prefill: its context is its own tokens
-                table = item.block_table
-                slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(n))
-                positions.extend(range(n))
-                fresh.append((row, n))
+            if item.skip is None:
+                slot_mapping.extend(self.kv_slots(item.block_table, item.start, end))
+                positions.extend(range(item.start, end))
+                if n == 1 and not num_virtual:
+                    decoding.append((row, item))
+                elif item.start == 0:  # a fresh prefill: its context is its own tokens
+                    fresh.append((row, n))
+                else:
+                    spans.append((row, n, self.kv_slots(item.block_table, 0, end)))
                 continue
-            table = torch.tensor(item.block_table, dtype=torch.long)
-            context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
-            slot_mapping.extend(context_slots[item.start :].tolist())
-            shift = 0
-            if item.skip is not None:
-                low, high = item.skip
-                context_slots = torch.cat([context_slots[:low], context_slots[high:]])
-                shift = high - low
+            low, high = item.skip
+            context = self.kv_slots(item.block_table, 0, end)
+            slot_mapping.extend(context[item.start :])
+            shift = high - low
             positions.extend(range(item.start - shift, end - shift))
-            spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
+            spans.append((row, n, context[:low] + context[high:]))
 
-        device = self.device
-        meta = attention.AttentionMeta(
-            cache=self.kv_cache,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            spans=spans,
-            decode=self._decode_batch(decoding) if decoding else None,
-            prefills=self._prefill_batches(fresh),
-        )
-        sampling = [i for i in range(len(inputs)) if i in keep]
-        keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=device)
-        model_inputs = {"input_ids": ids}
-        if virtual:
-            embeds = self.model.get_input_embeddings()(ids)
-            for row, rows in virtual:
-                embeds[0, row : row + rows.shape[0]] = rows.to(device, embeds.dtype)
-            model_inputs = {"inputs_embeds": embeds}
-        self._begin_adapters(token_slots)
+        buffers = self.buffers
+        buffers.begin(self._bound(inputs))
         try:
+            self._begin_adapters(token_slots)  # first: the LoRA tables keep their address from step to step
+            ids = buffers.put(token_ids).view(1, -1)
+            position_ids = buffers.put(positions).view(1, -1)
+            sampling = [i for i in range(len(inputs)) if i in keep]
+            keep_index = buffers.put([keep[i] for i in sampling])
+            meta = attention.AttentionMeta(
+                cache=self.kv_cache,
+                slot_mapping=buffers.put(slot_mapping),
+                spans=[attention.SequenceSpan(row, n, buffers.put(context)) for row, n, context in spans],
+                decode=self._decode_batch(decoding) if decoding else None,
+                prefills=self._prefill_batches(fresh),
+            )
+            buffers.send()
+            model_inputs = {"input_ids": ids}
+            if virtual:
+                embeds = self.model.get_input_embeddings()(ids)
+                for row, rows in virtual:
+                    embeds[0, row : row + rows.shape[0]] = rows.to(embeds.dtype)
+                model_inputs = {"inputs_embeds": embeds}
             if self.decoder is not None:
-                return self.decoder(torch.tensor([positions], dtype=torch.long, device=device), keep_index, meta,
-                                    **model_inputs).float()
+                return self.decoder(position_ids, keep_index, meta, **model_inputs).float()
             output = self.model(
                 **model_inputs,
-                position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+                position_ids=position_ids,
                 use_cache=False,
                 logits_to_keep=keep_index,
                 **{attention.META_KWARG: meta},
@@ -302,11 +310,16 @@ class ModelRunner:
             self.lora_context.end()
         return output.logits[0].float()
 
+    def kv_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """KV cache slots of positions [start, end) of a sequence with this block table."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
     def _decode_batch(self, decoding: list[tuple[int, StepInput]]) -> attention.DecodeBatch:
         """The blocks holding every decoding sequence's context, grouped by length for gathering."""
         return attention.DecodeBatch.build([row for row, _ in decoding], [item.block_table for _, item in decoding],
-                                           [item.start + 1 for _, item in decoding], self.block_size, self.device,
-                                           self.max_gather_tokens)
+                                           [item.start + 1 for _, item in decoding], self.block_size,
+                                           self.buffers.put, self.max_gather_tokens)
 
     def _prefill_batches(self, fresh: list[tuple[int, int]]) -> list[attention.PrefillBatch]:
         """Fresh prefills grouped by length; a group's rows are a view when they are consecutive."""
@@ -318,7 +331,7 @@ class ModelRunner:
             if rows == list(range(rows[0], rows[0] + n * len(rows), n)):
                 batches.append(attention.PrefillBatch(n, len(rows), rows[0]))
             else:
-                index = torch.tensor([row + i for row in rows for i in range(n)], dtype=torch.long, device=self.device)
+                index = self.buffers.put([row + i for row in rows for i in range(n)])
                 batches.append(attention.PrefillBatch(n, len(rows), rows[0], index))
         return batches
 
@@ -329,5 +342,5 @@ class ModelRunner:
             return
         rows = None  # per-token vector rows: only DoRA and IA3 read them
         if kinds & {AdapterKind.DORA, AdapterKind.IA3}:
-            rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
+            rows = self.buffers.put([slot if slot >= 0 else self.num_slots for slot in token_slots])
         self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)
