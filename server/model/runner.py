@@ -10,6 +10,8 @@ the transformers framework around them); other models through their transformers
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -124,6 +126,9 @@ class ModelRunner:
         )
         self.slot_kinds: list[AdapterKind | None] = [None] * self.num_slots
         self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._loading: dict[int, torch.cuda.Event] = {}
+        """Slots whose copy (on the copy stream) the next step that reads them must wait for."""
 
         block_size = config.cache.block_size
         self.block_size = block_size
@@ -165,30 +170,64 @@ class ModelRunner:
             return dequantized_weight(self.lora_table[path].base).detach()
 
     # ------------------------------------------------------------------ adapters
-    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
-        """Copy a host adapter into device slot `slot`; what it does not target gets rank 0 / ones."""
-        for path, module in self.lora_table.items():
-            weights = adapter.lora.get(path)
-            if weights is None:
-                module.group.pool.load(slot, module.slice_index, None, None, 0.0)
-            else:
-                a = weights.a.to(self.device, self.adapter_dtype, non_blocking=True)
-                b = weights.b.to(self.device, self.adapter_dtype, non_blocking=True)
-                module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
-            module.load_slot(slot, *(self._on_device(table.get(path))
-                                     for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))
-        self.slot_kinds[slot] = adapter.kind
-        self.slot_prompts[slot] = self._on_device(adapter.prompt_embeddings)
+    def host_tier(self, adapter: AdapterWeights) -> AdapterWeights:
+        """The adapter as the host tier keeps it: LoRA weights in the pools' dtype, the rest in the
+        model's, pinned on CUDA so that `load_slot` is one asynchronous copy per tensor."""
+        pin = self.device.type == "cuda"
 
-    def clear_slot(self, slot: int) -> None:
-        for module in self.lora_table.values():
-            module.group.pool.load(slot, module.slice_index, None, None, 0.0)
-            module.load_slot(slot, None, None, None)
-        self.slot_kinds[slot] = None
-        self.slot_prompts[slot] = None
+        def host(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.to(dtype).contiguous()
+            return tensor.pin_memory() if pin else tensor
+
+        lora = {path: dataclasses.replace(w, a=host(w.a, self.adapter_dtype), b=host(w.b, self.adapter_dtype))
+                for path, w in adapter.lora.items()}
+        vectors = {name: {path: host(t, self.dtype) for path, t in getattr(adapter, name).items()}
+                   for name in ("dora_scale", "ia3_in", "ia3_out")}
+        return dataclasses.replace(adapter, lora=lora, **vectors,
+                                   prompt_embeddings=host(adapter.prompt_embeddings, self.dtype),
+                                   prefix_kv=host(adapter.prefix_kv, self.kv_cache.k[0].dtype))
+
+    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy a host-tier adapter (`host_tier`) into device slot `slot`; what it does not target gets
+        rank 0 / ones. On CUDA the copies run on the copy stream and the first step that uses the
+        slot waits for them (`_wait_for_loads`); on CPU they are done when this returns."""
+        with self._copying() as stream:
+            for path, module in self.lora_table.items():
+                weights = adapter.lora.get(path)
+                if weights is None:
+                    module.group.pool.load(slot, module.slice_index, None, None, 0.0)
+                else:
+                    a, b = (w.to(self.device, non_blocking=True) for w in (weights.a, weights.b))
+                    module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
+                module.load_slot(slot, *(self._on_device(table.get(path))
+                                         for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))
+            self.slot_prompts[slot] = self._on_device(adapter.prompt_embeddings)
+            if stream is not None:
+                self._loading[slot] = stream.record_event()
+        self.slot_kinds[slot] = adapter.kind
+
+    @contextlib.contextmanager
+    def _copying(self):
+        """The copy stream on CUDA (made current), None elsewhere."""
+        if self.device.type != "cuda":
+            yield None
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # the slot's previous tenant may still be read by steps already queued
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            yield self._copy_stream
+
+    def _wait_for_loads(self, token_slots: list[int]) -> None:
+        """The step's stream waits for the copies into the slots it reads (device-side: no host wait)."""
+        for slot in set(token_slots) & self._loading.keys():
+            torch.cuda.current_stream(self.device).wait_event(self._loading.pop(slot))
 
     def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(self.device, self.dtype)
+        return None if tensor is None else tensor.to(self.device, self.dtype, non_blocking=True)
 
     def write_prefix(self, blocks: list[int], prefix_kv: torch.Tensor) -> None:
         """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim]) in `blocks`."""
@@ -277,6 +316,7 @@ class ModelRunner:
 
         buffers = self.buffers
         buffers.begin(self._bound(inputs))
+        self._wait_for_loads(token_slots)
         try:
             self._begin_adapters(token_slots)  # first: the LoRA tables keep their address from step to step
             ids = buffers.put(token_ids).view(1, -1)
