@@ -301,6 +301,13 @@ def _causal_mask(query_len: int, context_len: int, window: int | None, device) -
     return mask
 
 
+def graph_safe(device: torch.device) -> bool:
+    """Whether decode attention may be captured in a CUDA graph: inputs of fixed shape (block tables
+    padded to the longest context) at a cost that does not grow with that padding. Not this torch
+    path: with fixed shapes it would gather every sequence's longest possible context in every layer."""
+    return False
+
+
 def register() -> None:
     from transformers import AttentionInterface
 

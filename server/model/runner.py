@@ -23,6 +23,7 @@ from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
+from loraplex.server.model.decode_graphs import DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.model.step_buffers import StepBuffers
 from loraplex.server.errors import UserError
@@ -133,11 +134,15 @@ class ModelRunner:
         block_size = config.cache.block_size
         self.block_size = block_size
         self.num_blocks = self._num_kv_blocks()
-        self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks, block_size, self.num_kv_heads,
+        self.scratch_block = self.num_blocks
+        """One KV block past the block manager's: the padding rows of static decode steps write there."""
+        self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks + 1, block_size, self.num_kv_heads,
                                                self.head_dim, self.dtype, self.device)
         self.max_gather_tokens = attention.GATHER_MAX_ELEMENTS // (self.num_kv_heads * self.head_dim)
         """Positions one gathered decode attention call may hold (`attention.decode_groups`)."""
         self.buffers = StepBuffers(self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+        """Captured decode steps (`prepare_decode_graphs`); None: every step runs eagerly."""
         self.lora_meta: LoRAMeta | None = None
         self._meta_slots: list[int] | None = None
         """The token slots lora_meta was last built for."""
@@ -156,7 +161,7 @@ class ModelRunner:
                                                            self.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cache.memory_fraction) // per_block)
+            return max(1, int(free * cache.memory_fraction) // per_block - 1)  # less the scratch block
         return -(-CPU_DEFAULT_KV_TOKENS // cache.block_size)
 
     def lora_bytes(self) -> int:
@@ -252,6 +257,20 @@ class ModelRunner:
             meta.segments = None if meta.segments is None else list(meta.segments)
         return meta
 
+    def prepare_decode_graphs(self, max_seqs: int) -> None:
+        """Capture decode steps of up to `max_seqs` sequences as CUDA graphs, unless the config says
+        enforce_eager, the device is not CUDA, the model runs its transformers forward, or the attention
+        backend is not graph-safe (`attention.graph_safe`)."""
+        if self.config.enforce_eager or self.device.type != "cuda" or self.decoder is None:
+            return
+        if not attention.graph_safe(self.device):
+            log.info("decode steps run eagerly: the attention backend cannot be captured in a CUDA graph")
+            return
+        graphs = DecodeGraphs(self, max_seqs)
+        with torch.inference_mode():
+            graphs.capture()
+        self.decode_graphs = graphs
+
     def _bound(self, inputs: list[StepInput]) -> int:
         """Bytes this step's metadata can take in the step buffer (see `execute`); sizes the LoRA layout."""
         tokens = sum(len(item.token_ids) + (0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0])
@@ -274,6 +293,9 @@ class ModelRunner:
         All of the step's index arrays are laid out on the host and reach the device in one copy
         (`StepBuffers`); nothing here reads a device value back."""
         devices.make_current(self.device)  # Triton launches on the calling thread's current device
+        if self.decode_graphs is not None and self.decode_graphs.takes(inputs):
+            self._wait_for_loads([item.slot for item in inputs])
+            return self.decode_graphs.run(inputs)
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
         token_ids: list[int] = []
         positions: list[int] = []
