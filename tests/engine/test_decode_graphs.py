@@ -47,3 +47,12 @@ def test_static_decode_step_equals_the_ordinary_step(demo_model_dir, tmp_path):
     run_until_done(engine)
     assert all(r.final.finish_reason == "length" for r in requests)
     assert 3 in batches and 1 in batches  # padded to 4, and a batch of its own size
+
+
+def test_enforce_eager_flag_reaches_the_engine_config(demo_model_dir):
+    from loraplex.server.api.cli import config_from_args
+    from loraplex.server.cli import build_parser
+
+    base = ["serve", "--model", str(demo_model_dir), "--device", "cpu"]
+    assert config_from_args(build_parser().parse_args(base + ["--enforce-eager"])).engine.enforce_eager
+    assert not config_from_args(build_parser().parse_args(base)).engine.enforce_eager
