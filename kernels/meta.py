@@ -34,7 +34,7 @@ def _cdiv(a: int, b: int) -> int:
 class LoRAMeta:
     """Segment and tile layout of one step, in reusable buffers. Create with ``allocate``.
 
-    Device buffers (int32; views of the first ``num_tokens`` / ``num_tiles`` entries are the live part):
+    Device tables (int32 views of ``table``, see ``bind``; the first ``num_tokens`` / ``num_tiles`` entries are live):
         token_slots  [max_tokens]       slot of each token, as given to ``update``
         token_order  [max_tokens]       token indices grouped by slot; identity when contiguous
         seg_slot     [max_slots + 1]    slot of the k-th non-empty segment (ascending slot), −1 after
@@ -43,7 +43,7 @@ class LoRAMeta:
         tile_slot    [max_tiles]        slot of tile j; −1 = the program exits at once
         tile_start   [max_tiles]        first position of tile j in token_order
         tile_len     [max_tiles]        tokens in tile j (<= block_m)
-    Host attributes, set by ``update``:
+    Host attributes, set by ``build`` (and so by ``update``):
         num_tokens, shape_class ("decode"/"prefill"), block_m, num_tiles (the kernels' grid size),
         contiguous (the caller declared slot-contiguous order),
         segments: [(slot, start, length), ...] on CPU (for the torch path, no device read);

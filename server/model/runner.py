@@ -3,7 +3,9 @@
 A step's tokens are laid out flat, `(1, num_tokens)`, sequences ordered by adapter slot so that the
 tokens of one slot are contiguous (one segment per slot, no-adapter tokens last); the runner builds
 the step's `LoRAMeta` and `AttentionMeta` once and hands them to the layers (the LoRA context and the
-`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample. Llama,
+`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample. Every index
+array of the step is built on the host and reaches the device in one copy (`step_buffers.py`); a pure
+decode step replays a CUDA graph where one was captured (`decode_graphs.py`). Llama,
 Mistral, Qwen2 and Qwen3 models run through the lean forward of `decoder.py` (the same layers without
 the transformers framework around them); other models through their transformers forward.
 """
