@@ -50,7 +50,7 @@ class DecodeGraphs:
         self.lora_meta = LoRAMeta.allocate(self.max_batch, runner.num_slots, runner.device, max_slices=3,
                                            max_rank=runner.config.adapters.max_rank)
         b, blocks = self.max_batch, self.max_batch * self.max_blocks
-        self._bound = 8 * (6 * b + blocks + 8) + 4 * self.lora_meta.table_numel
+        self._bound = 8 * (7 * b + blocks + 16) + 4 * self.lora_meta.table_numel  # 8 arrays, each 8-byte aligned
         self.buffers = StepBuffers(runner.device, self._bound)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._stage([], self.max_batch)  # fixes the device views every graph reads

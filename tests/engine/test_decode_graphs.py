@@ -56,3 +56,10 @@ def test_enforce_eager_flag_reaches_the_engine_config(demo_model_dir):
     base = ["serve", "--model", str(demo_model_dir), "--device", "cpu"]
     assert config_from_args(build_parser().parse_args(base + ["--enforce-eager"])).engine.enforce_eager
     assert not config_from_args(build_parser().parse_args(base)).engine.enforce_eager
+
+
+def test_the_static_layout_fits_the_largest_bucket(demo_model_dir):
+    engine = make_engine(demo_model_dir)
+    graphs = DecodeGraphs(engine.runner, max_seqs=200)
+    graphs._stage([], graphs.max_batch)  # every array at its full size
+    assert graphs.tables.numel() == 224 * graphs.max_blocks and graphs.lora_meta.max_tokens == 224
