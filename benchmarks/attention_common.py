@@ -9,6 +9,7 @@ import torch
 from loraplex.kernels.reference import paged_attention_reference
 from loraplex.kernels.triton.paged_attention import paged_attention
 from loraplex.server.model.attention import PagedBatch
+from loraplex.server.model.step_buffers import StepBuffers
 
 
 @dataclass
@@ -61,6 +62,9 @@ def workload(device: torch.device, dtype: torch.dtype, query_lens: list[int], kv
     v_cache = torch.randn(shape, generator=gen).to(device, dtype)
     q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(device, dtype)
     skips = skips or [None] * len(kv_lens)
-    batch = PagedBatch.build(query_lens, kv_lens, tables, skips, device)
+    buffers = StepBuffers(torch.device(device))
+    buffers.begin(8 * (3 * len(kv_lens) + sum(len(t) for t in tables) * len(kv_lens) + 64))
+    batch = PagedBatch.build(query_lens, kv_lens, tables, skips, buffers.put)
+    buffers.send()
     return Workload(q, k_cache, v_cache, torch.empty_like(q), batch, tables, query_lens, kv_lens, block_size,
                     window, skips)

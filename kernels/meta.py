@@ -11,9 +11,11 @@ block_m=2:
     tiles       (slot, start, len) = (0, 0, 2), (2, 2, 2), (2, 4, 1), then slot −1 (no work)
     num_tiles   = cdiv(6, 2) + min(6, 4) = 7  grid size: a bound known from T alone, no host sync
 
-Every buffer is preallocated for ``max_tokens`` / ``max_slots`` and rewritten in place, so a CUDA
-graph captured over the kernels stays valid across steps; ``update`` itself runs a handful of small
-torch ops on the device and never reads a device value on the host.
+Every table is preallocated for ``max_tokens`` / ``max_slots`` as one int32 block and rewritten in
+place, so a CUDA graph captured over the kernels stays valid across steps. ``build`` computes the
+tables on the host (no device kernel, no device read); ``update`` then sends the block in one
+non-blocking copy. The model runner instead ``bind``s the tables to its step buffer and sends them
+with the rest of the step's metadata in its single copy.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _cdiv(a: int, b: int) -> int:
 class LoRAMeta:
     """Segment and tile layout of one step, in reusable buffers. Create with ``allocate``.
 
-    Device buffers (int32; views of the first ``num_tokens`` / ``num_tiles`` entries are the live part):
+    Device tables (int32 views of ``table``, see ``bind``; the first ``num_tokens`` / ``num_tiles`` entries are live):
         token_slots  [max_tokens]       slot of each token, as given to ``update``
         token_order  [max_tokens]       token indices grouped by slot; identity when contiguous
         seg_slot     [max_slots + 1]    slot of the k-th non-empty segment (ascending slot), −1 after
@@ -42,7 +44,7 @@ class LoRAMeta:
         tile_slot    [max_tiles]        slot of tile j; −1 = the program exits at once
         tile_start   [max_tiles]        first position of tile j in token_order
         tile_len     [max_tiles]        tokens in tile j (<= block_m)
-    Host attributes, set by ``update``:
+    Host attributes, set by ``build`` (and so by ``update``):
         num_tokens, shape_class ("decode"/"prefill"), block_m, num_tiles (the kernels' grid size),
         contiguous (the caller declared slot-contiguous order),
         segments: [(slot, start, length), ...] on CPU (for the torch path, no device read);
@@ -59,15 +61,14 @@ class LoRAMeta:
         # Enough tiles for the smallest block_m used: sum_k cdiv(len_k, bm) < cdiv(T, bm) + segments.
         self.min_block_m = min_block_m
         self.max_tiles = _cdiv(max_tokens, min_block_m) + min(max_tokens, max_slots)
-        i32 = dict(dtype=torch.int32, device=self.device)
-        self.token_slots = torch.full((max_tokens,), -1, **i32)
-        self.token_order = torch.zeros(max_tokens, **i32)
-        self.seg_slot = torch.full((max_slots + 1,), -1, **i32)
-        self.seg_start = torch.zeros(max_slots + 1, **i32)
-        self.seg_len = torch.zeros(max_slots + 1, **i32)
-        self.tile_slot = torch.full((self.max_tiles,), -1, **i32)
-        self.tile_start = torch.zeros(self.max_tiles, **i32)
-        self.tile_len = torch.zeros(self.max_tiles, **i32)
+        self.table_numel = self.layout_numel(max_tokens, max_slots, self.max_tiles)
+        # host tables: pinned on CUDA so the copy to the device is asynchronous
+        self.host = torch.empty(self.table_numel, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._host_views = self._views(self.host)
+        self.bind(torch.empty(self.table_numel, dtype=torch.int32, device=self.device))
+        self._own_table = self.table
+        self.host.copy_(self._initial())
+        self.table.copy_(self.host)
         # fp32 scratch for shrink's output v, sliced per call by workspace(); 0 = none reserved.
         self._workspace = torch.empty(max_slices * max_tokens * max_rank, dtype=torch.float32,
                                       device=self.device)
@@ -90,6 +91,34 @@ class LoRAMeta:
         """
         return cls(max_tokens, max_slots, device, max_slices=max_slices, max_rank=max_rank,
                    min_block_m=min_block_m)
+
+    @staticmethod
+    def layout_numel(max_tokens: int, max_slots: int, max_tiles: int) -> int:
+        """int32 entries of the table block: token_slots, token_order, 3 segment and 3 tile tables."""
+        return 2 * max_tokens + 3 * (max_slots + 1) + 3 * max_tiles
+
+    def _views(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        sizes = {"token_slots": self.max_tokens, "token_order": self.max_tokens, "seg_slot": self.max_slots + 1,
+                 "seg_start": self.max_slots + 1, "seg_len": self.max_slots + 1, "tile_slot": self.max_tiles,
+                 "tile_start": self.max_tiles, "tile_len": self.max_tiles}
+        return dict(zip(sizes, block.split(list(sizes.values()))))
+
+    def _initial(self) -> torch.Tensor:
+        """The empty layout: no tokens, every segment and tile slot -1."""
+        block = torch.zeros(self.table_numel, dtype=torch.int32)
+        for name, view in self._views(block).items():
+            if name in ("token_slots", "seg_slot", "tile_slot"):
+                view.fill_(-1)
+        return block
+
+    def bind(self, table: torch.Tensor) -> None:
+        """Let the device tables be views of ``table`` ([table_numel] int32 on the device), which the
+        caller fills from ``host`` (the model runner: inside its one copy per step)."""
+        if table.shape != (self.table_numel,) or table.dtype != torch.int32:
+            raise ValueError(f"table must be [{self.table_numel}] int32, got {tuple(table.shape)} {table.dtype}")
+        self.table = table
+        for name, view in self._views(table).items():
+            setattr(self, name, view)
 
     # ----------------------------------------------------------------- views of the live part
     @property
@@ -115,7 +144,15 @@ class LoRAMeta:
     # ----------------------------------------------------------------- per-step build
     def update(self, token_slots: torch.Tensor | Sequence[int], contiguous: bool = False,
                block_m: int | None = None, check: bool | None = None) -> "LoRAMeta":
-        """Rebuild the layout for this step's per-token slots (−1 = no adapter).
+        """``build`` the layout for this step's per-token slots, then send it to the device tables
+        (one non-blocking copy). The arguments are ``build``'s."""
+        self.build(token_slots, contiguous, block_m, check)
+        self.table.copy_(self.host, non_blocking=True)
+        return self
+
+    def build(self, token_slots: torch.Tensor | Sequence[int], contiguous: bool = False,
+              block_m: int | None = None, check: bool | None = None) -> "LoRAMeta":
+        """Rebuild the layout for this step's per-token slots (−1 = no adapter) in ``host``.
 
         contiguous: the caller guarantees that each slot's tokens form one run (the engine lays a
             step out that way); token_order is then the identity and the kernels read rows in place.
@@ -126,6 +163,8 @@ class LoRAMeta:
             slots already on a GPU are trusted.
         """
         slots_in = torch.as_tensor(token_slots)
+        on_host = slots_in.device.type == "cpu"
+        slots_in = slots_in.cpu()  # a caller's device tensor: the one read this costs is theirs
         if slots_in.dim() != 1:
             raise ValueError(f"token_slots must be 1-D, got shape {tuple(slots_in.shape)}")
         if slots_in.dtype.is_floating_point or slots_in.dtype == torch.bool:
@@ -142,7 +181,7 @@ class LoRAMeta:
             raise ValueError(f"block_m={bm} needs {num_tiles} tiles for {T} tokens, "
                              f"buffers hold {self.max_tiles} (allocated for block_m >= {self.min_block_m})")
         if check is None:
-            check = slots_in.device.type == "cpu"
+            check = on_host
         if check:
             self._check(slots_in, contiguous)
 
@@ -153,48 +192,46 @@ class LoRAMeta:
             self.segments = [] if self.device.type == "cpu" else None
             return self
 
-        dev = self.device
-        slots = self.token_slots[:T]
-        slots.copy_(slots_in, non_blocking=True)
+        host = self._host_views
+        slots = host["token_slots"][:T]
+        slots.copy_(slots_in)
         key = slots.long()
         key = torch.where(key < 0, torch.full_like(key, S), key)   # −1 sorts last, as slot S
-        pos = torch.arange(T, device=dev)
+        pos = torch.arange(T)
         order = pos if contiguous else torch.sort(key, stable=True).indices
-        self.token_order[:T].copy_(order)
+        host["token_order"][:T].copy_(order)
         sorted_key = key if contiguous else key[order]
 
-        counts = torch.zeros(S + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-        first = torch.full((S + 1,), T, dtype=torch.long, device=dev).scatter_reduce_(
-            0, sorted_key, pos, reduce="amin")
+        counts = torch.zeros(S + 1, dtype=torch.long).scatter_add_(0, key, torch.ones_like(key))
+        first = torch.full((S + 1,), T, dtype=torch.long).scatter_reduce_(0, sorted_key, pos, reduce="amin")
         # Compact non-empty slots to the front: segment k is the k-th used slot; unused go to dump S.
         active = counts[:S] > 0
         seg_idx = torch.where(active, torch.cumsum(active, 0) - 1, torch.full_like(counts[:S], S))
-        all_slots = torch.arange(S, device=dev, dtype=torch.int32)
-        self.seg_slot.fill_(-1).scatter_(0, seg_idx, all_slots)
-        self.seg_start.zero_().scatter_(0, seg_idx, first[:S].int())
-        self.seg_len.zero_().scatter_(0, seg_idx, counts[:S].int())
-        self.seg_slot[S] = -1
-        self.seg_start[S] = 0
-        self.seg_len[S] = 0
+        all_slots = torch.arange(S, dtype=torch.int32)
+        seg_slot, seg_start, seg_len = host["seg_slot"], host["seg_start"], host["seg_len"]
+        seg_slot.fill_(-1).scatter_(0, seg_idx, all_slots)
+        seg_start.zero_().scatter_(0, seg_idx, first[:S].int())
+        seg_len.zero_().scatter_(0, seg_idx, counts[:S].int())
+        seg_slot[S] = -1
+        seg_start[S] = 0
+        seg_len[S] = 0
 
         # Tiles: segment k owns cdiv(len_k, bm) consecutive tiles; tile j finds its segment by search.
-        seg_len = self.seg_len[:S].long()
-        ntiles = (seg_len + bm - 1) // bm
+        lengths = seg_len[:S].long()
+        ntiles = (lengths + bm - 1) // bm
         tile_end = torch.cumsum(ntiles, 0)
-        j = torch.arange(num_tiles, device=dev)
+        j = torch.arange(num_tiles)
         k = torch.searchsorted(tile_end, j, right=True)
         valid = k < S
         kc = k.clamp(max=S - 1)
         m0 = (j - (tile_end[kc] - ntiles[kc])) * bm
-        self.tile_slot[:num_tiles].copy_(torch.where(valid, self.seg_slot[kc].long(), -1))
-        self.tile_start[:num_tiles].copy_(torch.where(valid, self.seg_start[kc].long() + m0, 0))
-        self.tile_len[:num_tiles].copy_(
-            torch.where(valid, torch.clamp(seg_len[kc] - m0, max=bm), 0))
+        host["tile_slot"][:num_tiles].copy_(torch.where(valid, seg_slot[kc].long(), -1))
+        host["tile_start"][:num_tiles].copy_(torch.where(valid, seg_start[kc].long() + m0, 0))
+        host["tile_len"][:num_tiles].copy_(torch.where(valid, torch.clamp(lengths[kc] - m0, max=bm), 0))
 
-        if dev.type == "cpu":
+        if self.device.type == "cpu":
             n = int(active.sum())
-            self.segments = list(zip(self.seg_slot[:n].tolist(), self.seg_start[:n].tolist(),
-                                     self.seg_len[:n].tolist()))
+            self.segments = list(zip(seg_slot[:n].tolist(), seg_start[:n].tolist(), seg_len[:n].tolist()))
         else:
             self.segments = None
         return self

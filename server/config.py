@@ -138,3 +138,5 @@ class EngineConfig:
     """None: derived from the model (max_model_len) and the adapter slots."""
     seed: int = 0
     """Seeds the generators of sampled requests that bring no seed of their own."""
+    enforce_eager: bool = False
+    """Run decode steps eagerly on CUDA too (no CUDA graphs: for debugging and profiling)."""

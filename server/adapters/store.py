@@ -7,7 +7,10 @@
   thread; the scheduler only runs sequences whose adapter `is_ready`, so a slow load never stalls the
   step loop or other requests.
 - Device slots are assigned by the engine thread each step (`assign_slots`) for the adapters of the
-  running sequences; a slot used by the current step is never evicted.
+  running sequences; a slot used by the current step is never evicted. The store only decides: it
+  returns the slots to fill, and the engine has the model runner copy them, outside the store's lock.
+- The host tier holds weights as `prepare` made them (the runner's serving dtype, pinned on CUDA),
+  so a device load is one plain copy.
 - Every accepted request holds a reference (`acquire`/`release`): unregistering an adapter refuses
   new requests at once, while the accepted ones finish on the weights they started with.
 - An adapter whose requests keep failing inside engine steps (`record_failure`) is quarantined: new
@@ -90,6 +93,15 @@ class _Entry:
     quarantined: str | None = None  # why it is refused until registered again
 
 
+@dataclass
+class SlotLoad:
+    """A device slot to fill with an adapter's host weights before the step that uses it."""
+
+    slot: int
+    key: str
+    weights: AdapterWeights
+
+
 def validate_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID.fullmatch(adapter_id or ""):
         raise InvalidArgument(
@@ -116,12 +128,11 @@ def resolve_source(source: str | Path, root: Path | None) -> Path:
 
 class AdapterStore:
     def __init__(self, config: AdapterConfig, base: BaseModelSpec,
-                 load_slot: Callable[[int, AdapterWeights], None], clear_slot: Callable[[int], None],
+                 prepare: Callable[[AdapterWeights], AdapterWeights] = lambda weights: weights,
                  on_ready: Callable[[], None] = lambda: None):
         self.config = config
         self.base = base
-        self._load_slot = load_slot
-        self._clear_slot = clear_slot
+        self._prepare = prepare
         self._on_ready = on_ready
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}  # key -> entry, unregistered ones still in use included
@@ -305,28 +316,41 @@ class AdapterStore:
                 log.error("adapter %r quarantined: %s", entry.adapter_id, entry.quarantined)
             return entry.quarantined is not None
 
-    def assign_slots(self, keys: set[str]) -> dict[str, int]:
-        """Device slots for this step's adapters (at most max_device_adapters of them)."""
+    def assign_slots(self, keys: set[str]) -> tuple[dict[str, int], list[SlotLoad]]:
+        """Device slots for this step's adapters (at most max_device_adapters of them), and the slots
+        whose weights the caller must copy before the step runs (then `loaded`, or `load_failed`)."""
         if len(keys) > len(self._slots):
             raise RuntimeError(f"{len(keys)} adapters in one step, only {len(self._slots)} device slots")
         with self._lock:
-            result = {}
+            result, loads = {}, []
             for key in keys:
                 entry = self._entries[key]
                 if entry.slot is None:
-                    started = time.perf_counter()
                     slot = self._free_slot(keep=keys)
-                    self._load_slot(slot, entry.weights)
                     self._slots[slot] = key
                     entry.slot = slot
-                    self.loads["device"] += 1
-                    for listener in self.load_listeners:
-                        listener("device", time.perf_counter() - started)
+                    loads.append(SlotLoad(slot, key, entry.weights))
                 self._slot_lru.move_to_end(entry.slot)
                 if key in self._host_lru:
                     self._host_lru.move_to_end(key)
                 result[key] = entry.slot
-            return result
+            return result, loads
+
+    def loaded(self, seconds: float) -> None:
+        """A device slot was filled (`assign_slots`' loads) in `seconds`."""
+        with self._lock:
+            self.loads["device"] += 1
+        for listener in self.load_listeners:
+            listener("device", seconds)
+
+    def load_failed(self, load: SlotLoad) -> None:
+        """Filling `load`'s slot raised: the slot holds nothing usable."""
+        with self._lock:
+            entry = self._entries.get(load.key)
+            if entry is not None and entry.slot == load.slot:
+                entry.slot = None
+            if self._slots[load.slot] == load.key:
+                self._slots[load.slot] = None
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop the loader thread and wait for it (up to `timeout` s): a read it is in the middle of
@@ -338,7 +362,7 @@ class AdapterStore:
     # ------------------------------------------------------------------ internals (lock held)
     def _read(self, path: Path) -> AdapterWeights:
         try:
-            return load_adapter(path, self.base, self.config.max_rank, self.config.allow_pickle)
+            return self._prepare(load_adapter(path, self.base, self.config.max_rank, self.config.allow_pickle))
         except OSError as error:  # unreadable files or directories (permissions, I/O errors)
             raise FailedPrecondition(f"adapter {path} cannot be read: {error}") from None
 
@@ -408,9 +432,8 @@ class AdapterStore:
     def _drop_if_unused(self, entry: _Entry) -> None:
         if not entry.unregistered or entry.references > 0:
             return
-        if entry.slot is not None:
+        if entry.slot is not None:  # the next adapter loaded there overwrites every table of the slot
             self._slots[entry.slot] = None
-            self._clear_slot(entry.slot)
         self._host_lru.pop(entry.key, None)
         del self._entries[entry.key]
 

@@ -81,6 +81,8 @@ def add_parser(subparsers) -> None:
                        help="LLM.int8 outlier threshold with --quantization int8 (default 0: pure vector-wise "
                        "int8, each request's tokens independent of the batch; bitsandbytes' usual 6.0 runs input "
                        "columns above T in ANY request of a step in 16 bits, so requests change each other's tokens)")
+    model.add_argument("--enforce-eager", action="store_true",
+                       help="run decode steps eagerly on CUDA too: no CUDA graphs (debugging, profiling)")
     model.add_argument("--kv-cache-tokens", type=int, metavar="N",
                        help="KV cache capacity in tokens (default: 90%% of free GPU memory; 32768 on CPU)")
     adapters = parser.add_argument_group("adapters")
@@ -140,6 +142,7 @@ def config_from_args(args: argparse.Namespace):
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                                    max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,
                                    adapter_repo=args.adapter_repo, dtype=args.adapter_dtype),
+            enforce_eager=args.enforce_eager,
         )
     except ValueError as error:  # the config dataclasses name the field and the allowed values
         raise UserError(str(error)) from None

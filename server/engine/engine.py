@@ -128,9 +128,10 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.initial_free_blocks = self.block_manager.num_free_blocks
         self.scheduler = Scheduler(config.scheduler or self._default_scheduler_config(), self.block_manager)
+        self.runner.prepare_decode_graphs(self.scheduler.config.max_num_seqs)
         self._wake = threading.Event()
-        self.store = AdapterStore(config.adapters, self.runner.base_spec, self.runner.load_slot,
-                                  self.runner.clear_slot, on_ready=self._wake.set)
+        self.store = AdapterStore(config.adapters, self.runner.base_spec, self.runner.host_tier,
+                                  on_ready=self._wake.set)
         self.sampler = Sampler()
         self._seeds = random.Random(config.seed)
         self._inbox: deque[Sequence] = deque()
@@ -309,7 +310,15 @@ class LLMEngine:
 
         keys: adapters that get (or keep) a device slot, at least those of `items`.
         """
-        slots = self.store.assign_slots(keys)
+        slots, loads = self.store.assign_slots(keys)
+        for load in loads:  # the store decided; the runner copies, outside the store's lock
+            started = time.perf_counter()
+            try:
+                self.runner.load_slot(load.slot, load.weights)
+            except BaseException:
+                self.store.load_failed(load)
+                raise
+            self.store.loaded(time.perf_counter() - started)
         inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_key, -1), s.samples)
                   for s in items]
         logits = self.runner.execute(inputs)

@@ -34,9 +34,9 @@ slot of position p of a sequence is `block_table[p // block_size] * block_size +
 
 from __future__ import annotations
 
-import array
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,18 +127,19 @@ class DecodeBatch:
 
     @classmethod
     def build(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
-              device: torch.device, max_gather_tokens: int) -> "DecodeBatch":
-        """The batch of the step's decoding sequences, with its gathering groups."""
-        batch = cls._one(rows, tables, lengths, block_size, device)
+              tensor: Callable[[list[int]], torch.Tensor], max_gather_tokens: int) -> "DecodeBatch":
+        """The batch of the step's decoding sequences, with its gathering groups; `tensor` puts a
+        list of ints on the device as a long tensor (the runner's step buffer)."""
+        batch = cls._one(rows, tables, lengths, block_size, tensor)
         groups = decode_groups(lengths, block_size, max_gather_tokens)
         if len(groups) > 1:
             batch.groups = [cls._one(*([values[i] for i in group] for values in (rows, tables, lengths)),
-                                     block_size, device) for group in groups]
+                                     block_size, tensor) for group in groups]
         return batch
 
     @classmethod
     def _one(cls, rows: list[int], tables: list[list[int]], lengths: list[int], block_size: int,
-             device: torch.device) -> "DecodeBatch":
+             tensor: Callable[[list[int]], torch.Tensor]) -> "DecodeBatch":
         per_seq = -(-max(lengths) // block_size)
         blocks = []
         for table in tables:
@@ -146,11 +147,11 @@ class DecodeBatch:
             blocks.extend([0] * (per_seq - len(table[:per_seq])))
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         return cls(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            rows=tensor(rows),
             row_range=(rows[0], rows[-1] + 1) if consecutive else None,
-            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            blocks=tensor(blocks),
             blocks_per_seq=per_seq,
-            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+            lengths=tensor(lengths),
             uniform=all(length == per_seq * block_size for length in lengths),
         )
 
@@ -212,7 +213,7 @@ class PrefillBatch:
 
 @dataclass
 class PagedBatch:
-    """Every sequence of the step for the Triton kernel, as int32 views of one buffer sent in one copy.
+    """Every sequence of the step for the Triton kernel, as int32 views of the step's metadata buffer.
 
     Worked example, block_size 4: a decode at length 6 (table [7, 2]) at row 0, then a 3-token chunk
     of a sequence with 5 entries cached (table [5, 1]) at rows 1-3: query_start [0, 1, 4], kv_lens
@@ -231,31 +232,25 @@ class PagedBatch:
 
     @classmethod
     def build(cls, query_lens: list[int], kv_lens: list[int], tables: list[list[int]],
-              skips: list[tuple[int, int] | None], device: torch.device) -> "PagedBatch":
-        """Sequences in row order (each one's rows follow the previous one's)."""
+              skips: list[tuple[int, int] | None], put) -> "PagedBatch":
+        """Sequences in row order (each one's rows follow the previous one's); `put` places a host
+        array in the step's metadata buffer (`StepBuffers.put`) and returns its device view."""
         num_seqs, max_blocks = len(query_lens), max(len(table) for table in tables)
-        has_skip = any(skip is not None for skip in skips)
-        values = [0]
+        starts = [0]
         for n in query_lens:
-            values.append(values[-1] + n)
-        values.extend(kv_lens)
-        if has_skip:
-            values.extend(v for skip in skips for v in (skip or (0, 0)))
-        offset = len(values)
+            starts.append(starts[-1] + n)
+        padded = []
         for table in tables:
-            values.extend(table)
-            values.extend([0] * (max_blocks - len(table)))
-        host = torch.frombuffer(array.array("i", values), dtype=torch.int32)  # a third of torch.tensor(list)'s cost
-        buffer = host
-        if device.type == "cuda":  # pinned and non-blocking: the copy queues behind the step's work
-            pinned = torch.empty(host.shape, dtype=torch.int32, pin_memory=True).copy_(host)
-            buffer = pinned.to(device, non_blocking=True)
+            padded.extend(table)
+            padded.extend([0] * (max_blocks - len(table)))
+        has_skip = any(skip is not None for skip in skips)
         return cls(
-            block_tables=buffer[offset:].view(num_seqs, max_blocks),
-            query_start=buffer[: num_seqs + 1],
-            kv_lens=buffer[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=put(padded, torch.int32).view(num_seqs, max_blocks),
+            query_start=put(starts, torch.int32),
+            kv_lens=put(kv_lens, torch.int32),
             max_query_len=max(query_lens),
-            skip=buffer[2 * num_seqs + 1 : offset].view(num_seqs, 2) if has_skip else None,
+            skip=put([v for skip in skips for v in (skip or (0, 0))], torch.int32).view(num_seqs, 2)
+            if has_skip else None,
         )
 
 
@@ -391,6 +386,13 @@ def _causal_mask(query_len: int, context_len: int, window: int | None, device) -
     if window is not None:
         mask &= k_pos > q_pos - window
     return mask
+
+
+def graph_safe(device: torch.device) -> bool:
+    """Whether decode attention may be captured in a CUDA graph: inputs of fixed shape (block tables
+    padded to the longest context) at a cost that does not grow with that padding. Not this torch
+    path: with fixed shapes it would gather every sequence's longest possible context in every layer."""
+    return False
 
 
 def register() -> None:

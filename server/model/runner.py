@@ -3,13 +3,17 @@
 A step's tokens are laid out flat, `(1, num_tokens)`, sequences ordered by adapter slot so that the
 tokens of one slot are contiguous (one segment per slot, no-adapter tokens last); the runner builds
 the step's `LoRAMeta` and `AttentionMeta` once and hands them to the layers (the LoRA context and the
-`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample. Llama,
+`loraplex_attention` forward kwarg), then keeps the logits of the sequences that sample. Every index
+array of the step is built on the host and reaches the device in one copy (`step_buffers.py`); a pure
+decode step replays a CUDA graph where one was captured (`decode_graphs.py`). Llama,
 Mistral, Qwen2 and Qwen3 models run through the lean forward of `decoder.py` (the same layers without
 the transformers framework around them); other models through their transformers forward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -22,7 +26,9 @@ from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
+from loraplex.server.model.decode_graphs import DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
+from loraplex.server.model.step_buffers import StepBuffers
 from loraplex.server.errors import UserError
 from loraplex.server.adapters.lora import LoRAStepContext, linear_features, wrap_model
 from loraplex.server.model.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
@@ -128,15 +134,22 @@ class ModelRunner:
         )
         self.slot_kinds: list[AdapterKind | None] = [None] * self.num_slots
         self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._loading: dict[int, torch.cuda.Event] = {}
+        """Slots whose copy (on the copy stream) the next step that reads them must wait for."""
 
         block_size = config.cache.block_size
         self.block_size = block_size
         self.num_blocks = self._num_kv_blocks()
-        self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks, block_size, self.num_kv_heads,
+        self.scratch_block = self.num_blocks
+        """One KV block past the block manager's: the padding rows of static decode steps write there."""
+        self.kv_cache = attention.PagedKVCache(self.num_layers, self.num_blocks + 1, block_size, self.num_kv_heads,
                                                self.head_dim, self.dtype, self.device)
         self.max_gather_tokens = attention.GATHER_MAX_ELEMENTS // (self.num_kv_heads * self.head_dim)
         """Positions one gathered decode attention call may hold (`attention.decode_groups`)."""
-        self.max_step_tokens = 0
+        self.buffers = StepBuffers(self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+        """Captured decode steps (`prepare_decode_graphs`); None: every step runs eagerly."""
         self.lora_meta: LoRAMeta | None = None
         self._meta_slots: list[int] | None = None
         """The token slots lora_meta was last built for."""
@@ -155,7 +168,7 @@ class ModelRunner:
                                                            self.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cache.memory_fraction) // per_block)
+            return max(1, int(free * cache.memory_fraction) // per_block - 1)  # less the scratch block
         return -(-CPU_DEFAULT_KV_TOKENS // cache.block_size)
 
     def lora_bytes(self) -> int:
@@ -169,74 +182,137 @@ class ModelRunner:
             return dequantized_weight(self.lora_table[path].base).detach()
 
     # ------------------------------------------------------------------ adapters
-    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
-        """Copy a host adapter into device slot `slot`; what it does not target gets rank 0 / ones."""
-        for path, module in self.lora_table.items():
-            weights = adapter.lora.get(path)
-            if weights is None:
-                module.group.pool.load(slot, module.slice_index, None, None, 0.0)
-            else:
-                a = weights.a.to(self.device, self.adapter_dtype, non_blocking=True)
-                b = weights.b.to(self.device, self.adapter_dtype, non_blocking=True)
-                module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
-            module.load_slot(slot, *(self._on_device(table.get(path))
-                                     for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))
-        self.slot_kinds[slot] = adapter.kind
-        self.slot_prompts[slot] = self._on_device(adapter.prompt_embeddings)
+    def host_tier(self, adapter: AdapterWeights) -> AdapterWeights:
+        """The adapter as the host tier keeps it: LoRA weights in the pools' dtype, the rest in the
+        model's, pinned on CUDA so that `load_slot` is one asynchronous copy per tensor."""
+        pin = self.device.type == "cuda"
 
-    def clear_slot(self, slot: int) -> None:
-        for module in self.lora_table.values():
-            module.group.pool.load(slot, module.slice_index, None, None, 0.0)
-            module.load_slot(slot, None, None, None)
-        self.slot_kinds[slot] = None
-        self.slot_prompts[slot] = None
+        def host(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.to(dtype).contiguous()
+            return tensor.pin_memory() if pin else tensor
+
+        lora = {path: dataclasses.replace(w, a=host(w.a, self.adapter_dtype), b=host(w.b, self.adapter_dtype))
+                for path, w in adapter.lora.items()}
+        vectors = {name: {path: host(t, self.dtype) for path, t in getattr(adapter, name).items()}
+                   for name in ("dora_scale", "ia3_in", "ia3_out")}
+        return dataclasses.replace(adapter, lora=lora, **vectors,
+                                   prompt_embeddings=host(adapter.prompt_embeddings, self.dtype),
+                                   prefix_kv=host(adapter.prefix_kv, self.kv_cache.k[0].dtype))
+
+    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy a host-tier adapter (`host_tier`) into device slot `slot`; what it does not target gets
+        rank 0 / ones. On CUDA the copies run on the copy stream and the first step that uses the
+        slot waits for them (`_wait_for_loads`); on CPU they are done when this returns."""
+        with self._copying() as stream:
+            for path, module in self.lora_table.items():
+                weights = adapter.lora.get(path)
+                if weights is None:
+                    module.group.pool.load(slot, module.slice_index, None, None, 0.0)
+                else:
+                    a, b = (w.to(self.device, non_blocking=True) for w in (weights.a, weights.b))
+                    module.group.pool.load(slot, module.slice_index, a, b, weights.scaling)
+                module.load_slot(slot, *(self._on_device(table.get(path))
+                                         for table in (adapter.dora_scale, adapter.ia3_in, adapter.ia3_out)))
+            self.slot_prompts[slot] = self._on_device(adapter.prompt_embeddings)
+            if stream is not None:
+                self._loading[slot] = stream.record_event()
+        self.slot_kinds[slot] = adapter.kind
+
+    @contextlib.contextmanager
+    def _copying(self):
+        """The copy stream on CUDA (made current), None elsewhere."""
+        if self.device.type != "cuda":
+            yield None
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # the slot's previous tenant may still be read by steps already queued
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            yield self._copy_stream
+
+    def _wait_for_loads(self, token_slots: list[int]) -> None:
+        """The step's stream waits for the copies into the slots it reads (device-side: no host wait)."""
+        for slot in set(token_slots) & self._loading.keys():
+            torch.cuda.current_stream(self.device).wait_event(self._loading.pop(slot))
 
     def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(self.device, self.dtype)
+        return None if tensor is None else tensor.to(self.device, self.dtype, non_blocking=True)
 
     def write_prefix(self, blocks: list[int], prefix_kv: torch.Tensor) -> None:
         """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim]) in `blocks`."""
-        count = prefix_kv.shape[3]
-        table = torch.tensor(blocks, dtype=torch.long)
-        slots = (table[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:count].to(self.device)
+        slots = torch.tensor(self.kv_slots(blocks, 0, prefix_kv.shape[3]), device=self.device)
         for layer in range(self.num_layers):
             kv = prefix_kv[layer].to(self.device, self.kv_cache.k[layer].dtype)
             self.kv_cache.k[layer].index_copy_(0, slots, kv[0].transpose(0, 1))
             self.kv_cache.v[layer].index_copy_(0, slots, kv[1].transpose(0, 1))
 
     # ------------------------------------------------------------------ one step
-    def _lora_meta(self, token_slots: list[int]) -> LoRAMeta | None:
-        if all(slot < 0 for slot in token_slots):
-            self._meta_slots = None
-            return None
-        if self.lora_meta is None or self.lora_meta.max_tokens < len(token_slots):
+    def _lora_meta(self, token_slots: list[int]) -> LoRAMeta:
+        """This step's LoRA layout, built on the host and bound to its part of the step buffer."""
+        meta = self.lora_meta
+        if token_slots != self._meta_slots:  # consecutive decode steps of one batch keep their layout
+            self._meta_slots = None  # a failed build must not pass for the layout it was building
+            meta.build(token_slots, contiguous=True)
+            self._meta_slots = list(token_slots)
+        table = self.buffers.put(meta.host, torch.int32)
+        if table.data_ptr() != meta.table.data_ptr():
+            meta.bind(table)
+            # a new list: what is cached on the old one (native.meta_args) holds the old tables' addresses
+            meta.segments = None if meta.segments is None else list(meta.segments)
+        return meta
+
+    def prepare_decode_graphs(self, max_seqs: int) -> None:
+        """Capture decode steps of up to `max_seqs` sequences as CUDA graphs, unless the config says
+        enforce_eager, the device is not CUDA, the model runs its transformers forward, or the attention
+        backend is not graph-safe (`attention.graph_safe`)."""
+        if self.config.enforce_eager or self.device.type != "cuda" or self.decoder is None:
+            return
+        if not attention.graph_safe(self.device):
+            log.info("decode steps run eagerly: the attention backend cannot be captured in a CUDA graph")
+            return
+        graphs = DecodeGraphs(self, max_seqs)
+        with torch.inference_mode():
+            graphs.capture()
+        self.decode_graphs = graphs
+
+    def _bound(self, inputs: list[StepInput]) -> int:
+        """Bytes this step's metadata can take in the step buffer (see `execute`); sizes the LoRA layout."""
+        tokens = sum(len(item.token_ids) + (0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0])
+                     for item in inputs)
+        blocks = max(len(item.block_table) for item in inputs)
+        context = sum(len(item.block_table) for item in inputs) * self.block_size
+        if self.lora_meta is None or self.lora_meta.max_tokens < tokens:
             # grows to the largest step seen; the scratch covers the widest group (q/k/v: 3 slices)
-            self.lora_meta = LoRAMeta.allocate(max(len(token_slots), 256), self.num_slots, self.device,
+            self.lora_meta = LoRAMeta.allocate(max(tokens, 256), self.num_slots, self.device,
                                                max_slices=3, max_rank=self.config.adapters.max_rank)
             self._meta_slots = None
-        if token_slots == self._meta_slots:
-            # consecutive decode steps of one batch have the same layout: the meta is already right
-            return self.lora_meta
-        self._meta_slots = None  # a failed update must not pass for the layout it was building
-        meta = self.lora_meta.update(torch.tensor(token_slots, dtype=torch.int32), contiguous=True)
-        self._meta_slots = list(token_slots)
-        return meta
+        arrays = 16 + 4 * len(inputs)
+        elements = 6 * tokens + 4 * len(inputs) * (2 + blocks) + context
+        return 8 * (elements + arrays) + 4 * self.lora_meta.table_numel
 
     @torch.inference_mode()
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
-        """Run one step; returns float32 logits [num sampling inputs, vocab] in input order."""
+        """Run one step; returns float32 logits [num sampling inputs, vocab] in input order.
+
+        All of the step's index arrays are laid out on the host and reach the device in one copy
+        (`StepBuffers`); nothing here reads a device value back."""
         devices.make_current(self.device)  # Triton launches on the calling thread's current device
+        if self.decode_graphs is not None and self.decode_graphs.takes(inputs):
+            self._wait_for_loads([item.slot for item in inputs])
+            return self.decode_graphs.run(inputs)
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
         token_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
         slot_mapping: list[int] = []
-        spans: list[attention.SequenceSpan] = []
+        spans: list[tuple[int, int, list[int]]] = []  # (row, n, context slots): attended one by one
         decoding: list[tuple[int, StepInput]] = []  # (row, input): one query, attended as a batch
         fresh: list[tuple[int, int]] = []  # (row, n): prefills of positions [0, n), batched by n
         virtual: list[tuple[int, torch.Tensor]] = []  # (first row, embeddings) to place
         keep: dict[int, int] = {}
-        bs = self.block_size
         triton = self.attention_backend == "triton"
         paged: list[tuple[int, StepInput]] = []  # (n, input) of every sequence, in row order (triton)
         for i in order:
@@ -249,63 +325,61 @@ class ModelRunner:
             token_slots.extend([item.slot] * n)
             if triton:
                 paged.append((n, item))
-            if n == 1 and not num_virtual and item.skip is None:  # decoding: plain Python, no tensors
-                position = item.start
-                token_ids.append(item.token_ids[0])
-                positions.append(position)
-                slot_mapping.append(item.block_table[position // bs] * bs + position % bs)
-                decoding.append((row, item))
-                continue
             if num_virtual:
                 virtual.append((row, item.virtual_embeddings))
             token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
             token_ids.extend(item.token_ids)
             end = item.start + n
-            if item.start == 0 and item.skip is None:  # a fresh prefill: its context is its own tokens
-                table = item.block_table
-                slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(n))
-                positions.extend(range(n))
-                fresh.append((row, n))
+            if item.skip is None:
+                slot_mapping.extend(self.kv_slots(item.block_table, item.start, end))
+                positions.extend(range(item.start, end))
+                if triton:  # the kernel reads every context through its block table
+                    continue
+                if n == 1 and not num_virtual:
+                    decoding.append((row, item))
+                elif item.start == 0:  # a fresh prefill: its context is its own tokens
+                    fresh.append((row, n))
+                else:
+                    spans.append((row, n, self.kv_slots(item.block_table, 0, end)))
                 continue
-            table = torch.tensor(item.block_table, dtype=torch.long)
-            context_slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:end]
-            slot_mapping.extend(context_slots[item.start :].tolist())
-            shift = 0
-            if item.skip is not None:
-                low, high = item.skip
-                context_slots = torch.cat([context_slots[:low], context_slots[high:]])
-                shift = high - low
+            low, high = item.skip
+            slot_mapping.extend(self.kv_slots(item.block_table, item.start, end))
+            shift = high - low
             positions.extend(range(item.start - shift, end - shift))
             if not triton:
-                spans.append(attention.SequenceSpan(row, n, context_slots.to(self.device)))
+                context = self.kv_slots(item.block_table, 0, end)
+                spans.append((row, n, context[:low] + context[high:]))
 
-        device = self.device
-        meta = attention.AttentionMeta(
-            cache=self.kv_cache,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            spans=spans,
-            decode=self._decode_batch(decoding) if decoding and not triton else None,
-            prefills=[] if triton else self._prefill_batches(fresh),
-            backend=self.attention_backend,
-            paged=self._paged_batch(paged) if triton else None,
-        )
-        sampling = [i for i in range(len(inputs)) if i in keep]
-        keep_index = torch.tensor([keep[i] for i in sampling], dtype=torch.long, device=device)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=device)
-        model_inputs = {"input_ids": ids}
-        if virtual:
-            embeds = self.model.get_input_embeddings()(ids)
-            for row, rows in virtual:
-                embeds[0, row : row + rows.shape[0]] = rows.to(device, embeds.dtype)
-            model_inputs = {"inputs_embeds": embeds}
-        self._begin_adapters(token_slots)
+        buffers = self.buffers
+        buffers.begin(self._bound(inputs))
+        self._wait_for_loads(token_slots)
         try:
+            self._begin_adapters(token_slots)  # first: the LoRA tables keep their address from step to step
+            ids = buffers.put(token_ids).view(1, -1)
+            position_ids = buffers.put(positions).view(1, -1)
+            sampling = [i for i in range(len(inputs)) if i in keep]
+            keep_index = buffers.put([keep[i] for i in sampling])
+            meta = attention.AttentionMeta(
+                cache=self.kv_cache,
+                slot_mapping=buffers.put(slot_mapping),
+                spans=[attention.SequenceSpan(row, n, buffers.put(context)) for row, n, context in spans],
+                decode=self._decode_batch(decoding) if decoding else None,
+                prefills=self._prefill_batches(fresh),
+                backend=self.attention_backend,
+                paged=self._paged_batch(paged) if triton else None,
+            )
+            buffers.send()
+            model_inputs = {"input_ids": ids}
+            if virtual:
+                embeds = self.model.get_input_embeddings()(ids)
+                for row, rows in virtual:
+                    embeds[0, row : row + rows.shape[0]] = rows.to(embeds.dtype)
+                model_inputs = {"inputs_embeds": embeds}
             if self.decoder is not None:
-                return self.decoder(torch.tensor([positions], dtype=torch.long, device=device), keep_index, meta,
-                                    **model_inputs).float()
+                return self.decoder(position_ids, keep_index, meta, **model_inputs).float()
             output = self.model(
                 **model_inputs,
-                position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+                position_ids=position_ids,
                 use_cache=False,
                 logits_to_keep=keep_index,
                 **{attention.META_KWARG: meta},
@@ -314,17 +388,22 @@ class ModelRunner:
             self.lora_context.end()
         return output.logits[0].float()
 
+    def kv_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """KV cache slots of positions [start, end) of a sequence with this block table."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
     def _decode_batch(self, decoding: list[tuple[int, StepInput]]) -> attention.DecodeBatch:
         """The blocks holding every decoding sequence's context, grouped by length for gathering."""
         return attention.DecodeBatch.build([row for row, _ in decoding], [item.block_table for _, item in decoding],
-                                           [item.start + 1 for _, item in decoding], self.block_size, self.device,
-                                           self.max_gather_tokens)
+                                           [item.start + 1 for _, item in decoding], self.block_size,
+                                           self.buffers.put, self.max_gather_tokens)
 
     def _paged_batch(self, sequences: list[tuple[int, StepInput]]) -> attention.PagedBatch:
         """Every sequence's rows, cache length, block table and hidden prefix padding (Triton kernel)."""
         return attention.PagedBatch.build([n for n, _ in sequences], [item.start + n for n, item in sequences],
                                           [item.block_table for _, item in sequences],
-                                          [item.skip for _, item in sequences], self.device)
+                                          [item.skip for _, item in sequences], self.buffers.put)
 
     def _prefill_batches(self, fresh: list[tuple[int, int]]) -> list[attention.PrefillBatch]:
         """Fresh prefills grouped by length; a group's rows are a view when they are consecutive."""
@@ -336,7 +415,7 @@ class ModelRunner:
             if rows == list(range(rows[0], rows[0] + n * len(rows), n)):
                 batches.append(attention.PrefillBatch(n, len(rows), rows[0]))
             else:
-                index = torch.tensor([row + i for row in rows for i in range(n)], dtype=torch.long, device=self.device)
+                index = self.buffers.put([row + i for row in rows for i in range(n)])
                 batches.append(attention.PrefillBatch(n, len(rows), rows[0], index))
         return batches
 
@@ -347,5 +426,5 @@ class ModelRunner:
             return
         rows = None  # per-token vector rows: only DoRA and IA3 read them
         if kinds & {AdapterKind.DORA, AdapterKind.IA3}:
-            rows = torch.tensor([slot if slot >= 0 else self.num_slots for slot in token_slots], device=self.device)
+            rows = self.buffers.put([slot if slot >= 0 else self.num_slots for slot in token_slots])
         self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)

@@ -67,6 +67,7 @@ def test_smoke_runs_every_section(gpu_check, monkeypatch, tmp_path):
     assert decode["kernel_launches_per_step"] == NEEDS_CUDA and decode["gpu_busy_fraction"] == NEEDS_CUDA
     assert decode["profiled_step_s"] > 0  # the profiled decode step ran
     assert sections["load"]["load_s_median"] > 0 and sections["load"]["pcie_gb_s"] == NEEDS_CUDA
+    assert 0 < sections["load"]["load_slot_returns_s_median"] <= sections["load"]["load_s_median"]
     for method in ("qlora", "dora"):
         trained = sections["train"][method]
         assert trained["loss_falls"] and trained["served_tokens"] > 0 and trained["token_agreement_vs_peft"] == 1.0

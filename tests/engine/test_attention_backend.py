@@ -9,6 +9,7 @@ import torch
 from loraplex.kernels.cpu import native
 from loraplex.server.errors import UserError
 from loraplex.server.model import attention
+from loraplex.server.model.step_buffers import StepBuffers
 
 CPU = torch.device("cpu")
 
@@ -40,10 +41,15 @@ def test_forced(monkeypatch):
     assert attention.select_backend(CPU, torch.float32) == "triton"
 
 
-def test_paged_batch_is_one_buffer_with_the_worked_example():
-    batch = attention.PagedBatch.build([1, 3], [6, 8], [[7, 2], [5, 1]], [None, None], CPU)
+def test_paged_batch_is_part_of_the_step_buffer_with_the_worked_example():
+    buffers = StepBuffers(CPU)
+    buffers.begin(4096)
+    batch = attention.PagedBatch.build([1, 3], [6, 8], [[7, 2], [5, 1]], [None, None], buffers.put)
+    buffers.send()
     assert batch.query_start.tolist() == [0, 1, 4] and batch.kv_lens.tolist() == [6, 8]
     assert batch.block_tables.tolist() == [[7, 2], [5, 1]] and batch.max_query_len == 3 and batch.skip is None
-    assert batch.block_tables.untyped_storage().data_ptr() == batch.query_start.untyped_storage().data_ptr()
-    batch = attention.PagedBatch.build([1, 2], [13, 3], [[4, 5, 6, 7], [1]], [(6, 8), None], CPU)
+    assert batch.block_tables.untyped_storage().data_ptr() == buffers.table.untyped_storage().data_ptr()
+    buffers.begin(4096)
+    batch = attention.PagedBatch.build([1, 2], [13, 3], [[4, 5, 6, 7], [1]], [(6, 8), None], buffers.put)
+    buffers.send()
     assert batch.skip.tolist() == [[6, 8], [0, 0]] and batch.block_tables.tolist() == [[4, 5, 6, 7], [1, 0, 0, 0]]

@@ -11,6 +11,7 @@ import torch
 
 from loraplex.server.model import attention
 from loraplex.server.model.runner import ModelRunner, StepInput
+from loraplex.server.model.step_buffers import StepBuffers
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -26,6 +27,13 @@ def make_cache(num_blocks: int = 32) -> attention.PagedKVCache:
 
 def context_slots(table: list[int], length: int) -> torch.Tensor:
     return torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+
+
+def fake_runner(**fields) -> SimpleNamespace:
+    """What ModelRunner's layout helpers read; they put their index arrays into its step buffer."""
+    buffers = StepBuffers(torch.device("cpu"))
+    buffers.begin(1 << 16)
+    return SimpleNamespace(block_size=BLOCK, buffers=buffers, **fields)
 
 
 def run(meta: attention.AttentionMeta, query, key, value, window):
@@ -61,8 +69,9 @@ def test_batched_decode_matches_one_call_per_sequence(lengths, window, prefill_b
     query = torch.randn(1, HEADS, T, DIM, generator=gen)
     key = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
     value = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
-    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"), max_gather_tokens=1 << 20)
+    runner = fake_runner(max_gather_tokens=1 << 20)
     batch = ModelRunner._decode_batch(runner, decoding)
+    runner.buffers.send()
     assert (batch.row_range is None) == prefill_between
 
     extra = [prefill] if prefill is not None else []
@@ -94,8 +103,9 @@ def test_batched_fresh_prefills_match_one_call_per_sequence(window, consecutive)
     query = torch.randn(1, HEADS, row, DIM, generator=gen)
     key = torch.randn(1, KV_HEADS, row, DIM, generator=gen)
     value = torch.randn(1, KV_HEADS, row, DIM, generator=gen)
-    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"))
+    runner = fake_runner()
     batches = ModelRunner._prefill_batches(runner, fresh)
+    runner.buffers.send()
     assert len(batches) == 1 and (batches[0].rows is None) == consecutive
 
     mapping = torch.tensor(slot_mapping)
@@ -126,8 +136,9 @@ def test_gathered_decode_memory_is_proportional_to_the_tokens_attended(monkeypat
     query = torch.randn(1, HEADS, T, DIM, generator=gen)
     key = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
     value = torch.randn(1, KV_HEADS, T, DIM, generator=gen)
-    runner = SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"), max_gather_tokens=max_gather_tokens)
+    runner = fake_runner(max_gather_tokens=max_gather_tokens)
     batch = ModelRunner._decode_batch(runner, decoding)
+    runner.buffers.send()
     mapping = torch.tensor(slot_mapping)
     one_by_one = run(attention.AttentionMeta(make_cache(next_block), mapping, spans), query, key, value, None)
 

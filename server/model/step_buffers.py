@@ -1,0 +1,58 @@
+"""A step's metadata on its way to the device: written on the host, sent in one copy.
+
+The runner lays every per-step index array (token ids, positions, KV slots, block tables, LoRA
+segments and tiles) into one host buffer, pinned on CUDA, and `send` issues a single non-blocking
+copy of the used bytes to a device twin; the arrays are read on the device as views of that twin.
+Worked example: `begin(64)`, `put([5, 6], torch.int64)` -> bytes [0, 16), `put(int32 [3])` -> bytes
+[16, 28) (each array starts on 8 bytes), `send()` copies bytes [0, 28) once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+ALIGN = 8
+
+
+class StepBuffers:
+    def __init__(self, device: torch.device, nbytes: int = 1 << 16):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._allocate(nbytes)
+        self.used = 0
+        self._sent: torch.cuda.Event | None = None
+        """Recorded after the last copy: its host bytes may be rewritten once it has run."""
+
+    def _allocate(self, nbytes: int) -> None:
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        self.table = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def begin(self, bound: int) -> None:
+        """Start a step whose arrays take at most `bound` bytes (their alignment included)."""
+        if self._sent is not None:
+            # the previous copy has run by now (the step after it read its sampled tokens): no wait
+            self._sent.synchronize()
+            self._sent = None
+        if bound > self.host.numel():
+            self._allocate(max(bound, 2 * self.host.numel()))
+        self.used = 0
+
+    def put(self, values: Sequence[int] | torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Write `values` into the host buffer; returns the device view they will occupy after `send`."""
+        source = torch.as_tensor(values, dtype=dtype)
+        start = -(-self.used // ALIGN) * ALIGN
+        end = start + source.numel() * source.element_size()
+        if end > self.host.numel():
+            raise RuntimeError(f"step metadata needs {end} bytes, more than the {self.host.numel()} reserved by begin()")
+        self.host[start:end].view(dtype).copy_(source.flatten())
+        self.used = end
+        return self.table[start:end].view(dtype)
+
+    def send(self) -> None:
+        """The step's one host -> device copy (asynchronous on CUDA)."""
+        self.table[: self.used].copy_(self.host[: self.used], non_blocking=self.pinned)
+        if self.pinned:
+            self._sent = torch.cuda.Event()
+            self._sent.record()

@@ -1,0 +1,65 @@
+"""The static-buffer decode step that CUDA graphs capture, run eagerly on CPU: the same logits and
+tokens as the ordinary step, for a batch mixing the base model, LoRA and DoRA, padded to its bucket."""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.server.model.decode_graphs import DecodeGraphs, batch_sizes
+from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+
+
+def test_batch_sizes_double_to_64_then_step_by_32():
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_sizes(65) == [1, 2, 4, 8, 16, 32, 64, 96]
+    assert batch_sizes(200) == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224]
+
+
+def test_static_decode_step_equals_the_ordinary_step(demo_model_dir, tmp_path):
+    lora = make_lora_adapter(demo_model_dir, tmp_path / "lora", seed=5, r=8, lora_alpha=16, target_modules="all-linear")
+    dora = make_lora_adapter(demo_model_dir, tmp_path / "dora", seed=6, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    engine = make_engine(demo_model_dir)
+    engine.register_adapter("lora", str(lora))
+    engine.register_adapter("dora", str(dora))
+    runner = engine.runner
+    assert runner.decode_graphs is None  # CPU: no capture, every step eager
+    graphs = DecodeGraphs(runner, max_seqs=8)
+    ordinary = runner.execute
+    batches = []
+
+    def both(inputs):
+        if not graphs.takes(inputs):
+            return ordinary(inputs)
+        static = graphs.run(inputs).clone()  # writes the same K/V into the same slots first
+        logits = ordinary(inputs)
+        assert static.shape == logits.shape
+        torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
+        assert static.argmax(-1).tolist() == logits.argmax(-1).tolist()
+        batches.append(len(inputs))
+        return logits
+
+    runner.execute = both
+    requests = [submit(engine, "base", PROMPTS[0], max_new_tokens=4),
+                submit(engine, "lora", PROMPTS[1], adapter="lora", max_new_tokens=6),
+                submit(engine, "dora", PROMPTS[2], adapter="dora", max_new_tokens=8)]
+    run_until_done(engine)
+    assert all(r.final.finish_reason == "length" for r in requests)
+    assert 3 in batches and 1 in batches  # padded to 4, and a batch of its own size
+
+
+def test_enforce_eager_flag_reaches_the_engine_config(demo_model_dir):
+    from loraplex.server.api.cli import config_from_args
+    from loraplex.server.cli import build_parser
+
+    base = ["serve", "--model", str(demo_model_dir), "--device", "cpu"]
+    assert config_from_args(build_parser().parse_args(base + ["--enforce-eager"])).engine.enforce_eager
+    assert not config_from_args(build_parser().parse_args(base)).engine.enforce_eager
+
+
+def test_the_static_layout_fits_the_largest_bucket(demo_model_dir):
+    engine = make_engine(demo_model_dir)
+    graphs = DecodeGraphs(engine.runner, max_seqs=200)
+    graphs._stage([], graphs.max_batch)  # every array at its full size
+    assert graphs.tables.numel() == 224 * graphs.max_blocks and graphs.lora_meta.max_tokens == 224

@@ -1,0 +1,88 @@
+"""Host <-> device synchronisations of an engine step, counted on CPU: every device read that loraplex
+code makes (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`, a tensor in `bool`/`int`/`float`) and every
+tensor it creates from host data on the device. A step may read the sampled tokens once and send its
+metadata in one copy (`StepBuffers.send`); the LoRA layout is built on the host (`LoRAMeta.build`)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.kernels import meta as meta_module
+from loraplex.server.model import step_buffers
+from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+
+ROOT = Path(meta_module.__file__).resolve().parents[1]
+# the step's device-side code on every platform (CPU-only C kernels and their bindings are not on a GPU's path)
+WATCHED = [ROOT / "server" / "model", ROOT / "server" / "engine", ROOT / "server" / "adapters" / "lora.py",
+           ROOT / "kernels" / "meta.py", ROOT / "kernels" / "ops.py"]
+HOST_ONLY = {("meta.py", "build"), ("meta.py", "_check"), ("step_buffers.py", "put")}
+"""Functions that work on host tensors by construction."""
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def _caller() -> tuple[Path, str] | None:
+    frame = sys._getframe(2)
+    path = Path(frame.f_code.co_filename).resolve()
+    if any(path == w or w in path.parents for w in WATCHED):
+        return path, frame.f_code.co_name
+    return None
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    counts: Counter[str] = Counter()
+
+    def reader(name, original):
+        def read(self, *args, **kwargs):
+            where = _caller()
+            if where is not None and (where[0].name, where[1]) not in HOST_ONLY:
+                counts[f"{where[0].name}:{where[1]}:{name}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, reader(name, getattr(torch.Tensor, name)))
+
+    def creator(name, original):
+        def create(*args, **kwargs):
+            where = _caller()
+            if where is not None and kwargs.get("device") is not None:
+                counts[f"{where[0].name}:{where[1]}:{name}(device=)"] += 1
+            return original(*args, **kwargs)
+        return create
+
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, creator(name, getattr(torch, name)))
+    send = step_buffers.StepBuffers.send
+
+    def counted_send(self):
+        counts["send"] += 1
+        return send(self)
+
+    monkeypatch.setattr(step_buffers.StepBuffers, "send", counted_send)
+    return counts
+
+
+def test_a_step_reads_the_device_once_and_sends_its_metadata_once(demo_model_dir, tmp_path, counted, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")  # the C kernel's bindings are CPU-only
+    adapter = make_lora_adapter(demo_model_dir, tmp_path / "lora", seed=3, r=4, lora_alpha=8,
+                                target_modules="all-linear", use_dora=True)
+    engine = make_engine(demo_model_dir)
+    engine.register_adapter("a", str(adapter))
+    requests = [submit(engine, f"r{i}", PROMPTS[i], adapter="a" if i % 2 else None, max_new_tokens=4)
+                for i in range(3)]
+    engine.step()  # adapter loads and first-use allocations happen here
+    counted.clear()
+    steps = run_until_done(engine)
+    assert all(r.final.finish_reason for r in requests)
+    assert steps >= 3
+    sampler_reads = {key: n for key, n in counted.items() if key.startswith("sampling.py:")}
+    others = {key: n for key, n in counted.items() if key != "send" and key not in sampler_reads}
+    assert others == {}, f"device reads or host->device tensors in the step loop: {others}"
+    assert counted["send"] == steps
+    assert steps <= sum(sampler_reads.values()) <= 2 * steps  # tokens and logprobs: one transfer each
