@@ -15,9 +15,10 @@ import sys
 import pytest
 
 from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
-from loraplex.server.errors import InvalidArgument, ResourceExhausted
+from loraplex.server.errors import InvalidArgument
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
+from tests.engine.block_invariants import assert_block_invariants
 
 VOCAB = 997
 
@@ -34,7 +35,9 @@ def next_token(tokens: list[int], adapter: str | None) -> int:
 class Loop:
     """A fake engine: schedule → fake model → update → stop at max_new_tokens, checking invariants."""
 
-    def __init__(self, num_blocks: int = 256, block_size: int = 4, ready=None, **config) -> None:
+    def __init__(self, num_blocks: int = 256, block_size: int = 4, ready=None, cache_prompt: bool = True,
+                 **config) -> None:
+        self.cache_prompt = cache_prompt
         self.config = SchedulerConfig(**config)
         self.bm = BlockManager(num_blocks, block_size)
         self.sched = Scheduler(self.config, self.bm)
@@ -47,7 +50,11 @@ class Loop:
 
     def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0):
         prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
-        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_tokens=virtual)
+        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_positions=virtual,
+                       cache_prompt=self.cache_prompt)
+        error = self.sched.check_admissible(seq.num_prompt_tokens, seq.max_new_tokens, virtual)
+        if error is not None:
+            raise error
         self.sched.add(seq)
         return seq
 
@@ -60,9 +67,12 @@ class Loop:
         self.running_before.append(before)
         self.ready_calls = []
         out = self.sched.schedule(self._ready)
+        self.bm.allocate_step(out.scheduled)
         self._check(out, before)
         sampled = self._run_model(out)
         self.sched.update(out, sampled)
+        for item in out.scheduled:
+            self.bm.cache_computed(item.seq)
         for item in out.scheduled:
             if item.samples and item.seq.num_output_tokens >= item.seq.max_new_tokens:
                 self.sched.finish(item.seq)
@@ -79,12 +89,13 @@ class Loop:
         for item in out.scheduled:  # a real step writes every new key/value before attending
             seq = item.seq
             for pos in item.positions:
-                self.cache[self.bm.slot(seq, pos)] = (seq.seq_id, pos, self._input(seq, pos))
+                assert self.bm.ref_count(seq.block_table[pos // self.bm.block_size]) == 1, "writes a shared block"
+                self.cache[slot(self.bm, seq, pos)] = self._content(seq, pos)
         sampled = {}
         for item in out.scheduled:
             seq = item.seq
             for pos in range(item.stop):  # attention reads the whole context through the block table
-                assert self.cache[self.bm.slot(seq, pos)] == (seq.seq_id, pos, self._input(seq, pos)), (
+                assert self.cache[slot(self.bm, seq, pos)] == self._content(seq, pos), (
                     f"KV of sequence {seq.request_id} position {pos} was overwritten or never written"
                 )
             if item.samples:
@@ -92,9 +103,9 @@ class Loop:
         return sampled
 
     @staticmethod
-    def _input(seq: Sequence, pos: int):
-        p = seq.num_virtual_tokens
-        return ("virtual", pos) if pos < p else seq.token_ids[pos - p]
+    def _content(seq: Sequence, pos: int):
+        """A position's KV is a function of the adapter and every position up to it."""
+        return seq.adapter_key, tuple(seq.position_keys(0, pos + 1))
 
     def _check(self, out, before: list[Sequence]) -> None:
         cfg, sched, bm = self.config, self.sched, self.bm
@@ -112,10 +123,8 @@ class Loop:
         assert len(self.ready_calls) == len(set(self.ready_calls)), "adapter_ready asked twice in a step"
         for item in out.scheduled:  # blocks cover exactly what is computed by the end of the step
             assert len(item.seq.block_table) >= bm.blocks_for(item.stop)
-        tables = [b for s in sched.running for b in s.block_table]
-        assert len(tables) == len(set(tables)), "two running sequences share a block"
         assert all(not s.block_table for s in sched.waiting)
-        assert bm.num_used_blocks == len(tables)
+        assert_block_invariants(bm, sched.running)
 
     def tokens(self) -> dict[str, list[int]]:
         return {s.request_id: list(s.output_token_ids) for s in self.seqs}
@@ -127,6 +136,10 @@ class Loop:
             for item in out.scheduled:
                 seen[item.seq.seq_id] = item.seq
         return list(seen.values())
+
+
+def slot(bm: BlockManager, seq: Sequence, position: int) -> int:
+    return seq.block_table[position // bm.block_size] * bm.block_size + position % bm.block_size
 
 
 def reference(workload) -> dict[str, list[int]]:
@@ -157,7 +170,7 @@ def test_sequence_tracks_tokens_and_positions():
     a.append_token(9)
     assert a.token_ids == [5, 6, 7, 9] and a.output_token_ids == [9] and a.prompt_token_ids == [5, 6, 7]
     assert (a.num_uncomputed_tokens, a.is_prefill, a.last_token_id) == (1, False, 9)
-    v = Sequence("v", [5, 6], max_new_tokens=1, num_virtual_tokens=3)
+    v = Sequence("v", [5, 6], max_new_tokens=1, num_virtual_positions=3)
     assert v.num_positions == 5
     assert v.token_ids_at(0, 5) == [5, 6] and v.token_ids_at(0, 3) == [] and v.token_ids_at(2, 4) == [5]
 
@@ -393,9 +406,9 @@ def test_decode_step_allocates_the_block_of_the_position_it_computes():
     loop.step()
     assert len(seq.block_table) == 1 and seq.num_computed_tokens == 4 and seq.num_tokens == 5
     out = loop.sched.schedule(loop.ready)
-    assert (out.scheduled[0].start, out.scheduled[0].num_new_tokens) == (4, 1)
+    assert (out.scheduled[0].start, out.scheduled[0].num_new_tokens, out.scheduled[0].num_new_blocks) == (4, 1, 1)
+    loop.bm.allocate_step(out.scheduled)
     assert len(seq.block_table) == 2
-    assert loop.bm.slot(seq, 4) == seq.block_table[1] * 4
 
 
 # ---- starvation -----------------------------------------------------------------------------------
@@ -419,8 +432,9 @@ def _bypasses(loop: Loop, head: Sequence, competes=lambda seq: True) -> int:
 
 
 def _block_starvation(max_bypass_steps: int):
+    # some arrivals' prompts are equal ("x1a", "x0b"): without the prefix cache they take blocks of their own
     loop = Loop(num_blocks=12, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                max_bypass_steps=max_bypass_steps)
+                max_bypass_steps=max_bypass_steps, cache_prompt=False)
     for i in range(3):
         loop.submit(f"warm{i}", 4, 6)
     loop.step()
@@ -591,21 +605,21 @@ def test_check_admissible_limits_and_messages():
     sched = Scheduler(SchedulerConfig(max_model_len=40), BlockManager(num_blocks=5, block_size=4))
     assert sched.check_admissible(10, 11) is None  # 20 positions, the last token never computed: 20 slots
     err = sched.check_admissible(10, 12)
-    assert isinstance(err, ResourceExhausted)
+    assert isinstance(err, InvalidArgument)  # retrying can never help: not RESOURCE_EXHAUSTED
     assert str(err).startswith("the request needs 21 KV slots (6 blocks of 4) but the whole KV cache has 5")
     err = sched.check_admissible(30, 11)
     assert isinstance(err, InvalidArgument)
     assert str(err) == "30 prompt tokens + max_new_tokens 11 = 41 exceeds the maximum sequence length 40"
     assert isinstance(sched.check_admissible(0, 5), InvalidArgument)
     assert "max_new_tokens must be >= 1" in str(sched.check_admissible(5, 0))
-    assert "+ 8 virtual" in str(sched.check_admissible(20, 20, num_virtual_tokens=8))
-    assert isinstance(sched.check_admissible(4, 10, num_virtual_tokens=8), ResourceExhausted)
+    assert "+ 8 virtual" in str(sched.check_admissible(20, 20, num_virtual_positions=8))
+    assert isinstance(sched.check_admissible(4, 10, num_virtual_positions=8), InvalidArgument)
 
 
 def test_a_sequence_that_exactly_fills_the_cache_runs_alone():
     loop = Loop(num_blocks=5, block_size=4, max_num_seqs=2, max_num_batched_tokens=8)
     big = loop.submit("big", 10, 11)
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(InvalidArgument, match="whole KV cache"):
         loop.submit("too-big", 10, 12)
     other = loop.submit("other", 6, 6)
     loop.run()
