@@ -82,9 +82,9 @@ def test_statuses_of_registration(server, adapter_root, tmp_path):
             client.get_adapter("small")
 
 
-def test_resource_exhausted_for_kv_and_for_the_queue(server):
+def test_kv_that_never_fits_is_invalid_and_a_full_queue_is_resource_exhausted(server):
     with Client(server.address) as client:
-        with pytest.raises(clients.ResourceExhausted, match="KV"):
+        with pytest.raises(clients.InvalidArgument, match="KV"):  # a retry can never fit: not RESOURCE_EXHAUSTED
             client.generate("hi", max_new_tokens=1500)  # fits the context (2048), not the 1024-token cache
         first = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)
         second = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)

@@ -48,8 +48,10 @@ class Loop:
         self.outputs = []
         self.running_before: list[list[Sequence]] = []
 
-    def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0):
-        prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
+    def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0,
+               prompt: list[int] | None = None):
+        if prompt is None:
+            prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
         seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_positions=virtual,
                        cache_prompt=self.cache_prompt)
         error = self.sched.check_admissible(seq.num_prompt_tokens, seq.max_new_tokens, virtual)
@@ -668,6 +670,79 @@ def test_block_manager_errors_surface_through_the_scheduler_bookkeeping():
     loop.bm.free_blocks(stolen)  # someone else freed a's block: finishing a is now a double free
     with pytest.raises(BlockAllocationError, match="double free"):
         loop.sched.finish(a)
+
+
+# ---- prefix cache -----------------------------------------------------------------------------------
+
+SYSTEM = [(31 * i + 5) % VOCAB for i in range(10)]
+
+
+def alone(prompt: list[int], max_new: int, adapter: str | None = None) -> list[int]:
+    loop = Loop(num_blocks=512, cache_prompt=False)
+    seq = loop.submit("alone", 0, max_new, adapter, prompt=prompt)
+    loop.run()
+    return seq.output_token_ids
+
+
+def test_a_later_request_takes_the_cached_leading_blocks_and_computes_the_rest():
+    loop = Loop(block_size=4)
+    first = loop.submit("first", 0, 3, prompt=SYSTEM + [1, 2])
+    loop.run()
+    second = loop.submit("second", 0, 3, prompt=SYSTEM + [3, 4, 5])  # 12 positions: blocks 0-3, 4-7 hit
+    [item] = loop.step().scheduled
+    assert (item.start, item.num_new_tokens, len(item.cached_blocks)) == (8, 5, 2)
+    assert first.status is SequenceStatus.FINISHED
+    third = loop.submit("third", 0, 3, prompt=SYSTEM + [1, 2], adapter="other#1")  # another adapter: no hit
+    assert loop.step().scheduled[-1].start == 0
+    loop.run()
+    assert second.output_token_ids == alone(SYSTEM + [3, 4, 5], 3)
+    assert third.output_token_ids == alone(SYSTEM + [1, 2], 3, "other#1")
+
+
+def test_a_fully_cached_prompt_computes_its_last_position():
+    loop = Loop(block_size=4)
+    loop.submit("warm", 0, 2, prompt=SYSTEM[:9] + [7, 7, 7])
+    loop.run()
+    seq = loop.submit("again", 0, 2, prompt=SYSTEM[:9])  # positions 0-7 hit, 8 is computed for the logits
+    [item] = loop.step().scheduled
+    assert (item.start, item.num_new_tokens, item.samples) == (8, 1, True)
+    loop.run()
+    assert seq.output_token_ids == alone(SYSTEM[:9], 2)
+
+
+def test_preempting_and_cancelling_sequences_that_share_blocks_frees_only_their_own():
+    # 10 blocks of 2: a and b share SYSTEM's 5 blocks; decoding grows them until b must be preempted
+    loop = Loop(num_blocks=10, block_size=2, max_num_seqs=4, max_num_batched_tokens=32)
+    a = loop.submit("a", 0, 8, prompt=SYSTEM + [1])
+    loop.step()
+    b = loop.submit("b", 0, 8, prompt=SYSTEM + [2])
+    c = loop.submit("c", 0, 8, prompt=SYSTEM + [3])
+    loop.step()
+    assert b.block_table[:5] == a.block_table[:5] == c.block_table[:5]
+    while not any(out.preempted for out in loop.outputs):
+        loop.step()
+    assert loop.outputs[-1].preempted == [c] and not c.block_table
+    assert a.status is b.status is SequenceStatus.RUNNING and a.block_table[:5] == b.block_table[:5]
+    loop.sched.abort(a.seq_id)  # a cancel while the others may still hold its prefix
+    assert_block_invariants(loop.bm, [*loop.sched.running, *loop.sched.waiting])
+    loop.run()
+    assert b.output_token_ids == alone(SYSTEM + [2], 8) and c.output_token_ids == alone(SYSTEM + [3], 8)
+    assert loop.bm.num_free_blocks == loop.bm.num_blocks and loop.bm.num_used_blocks == 0
+
+
+def test_cached_blocks_are_evicted_for_new_work_and_the_outputs_stay_exact():
+    loop = Loop(num_blocks=8, block_size=2, max_num_seqs=2)
+    prompts = [[(17 * k + i) % VOCAB for i in range(9)] for k in range(6)]
+    for k, prompt in enumerate(prompts):  # each fills most of the cache, then leaves its blocks cached
+        loop.submit(f"p{k}", 0, 4, prompt=prompt)
+        loop.run()
+    assert loop.bm.num_evictions > 0 and loop.bm.num_cached_blocks <= 8
+    again = loop.submit("again", 0, 4, prompt=prompts[-1])
+    [item] = loop.step().scheduled
+    assert item.start == 8  # the most recent prompt survived
+    loop.run()
+    assert again.output_token_ids == alone(prompts[-1], 4)
+    assert [s.output_token_ids for s in loop.seqs[:6]] == [alone(p, 4) for p in prompts]
 
 
 def test_scheduling_modules_do_not_import_torch():
