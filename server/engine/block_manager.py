@@ -9,8 +9,9 @@ Prefix caching: a full, computed block is named by a hash chained over the seque
 (its adapter registration, so a re-registered adapter never hits an old entry), the previous
 block's hash and the block's position keys (token ids; virtual positions of prompt/prefix tuning
 have keys of their own). A block whose count drops to 0 stays in the cache, reclaimable: it is
-handed out again (and its hash forgotten, an eviction) least recently freed first, unless a new
-sequence whose leading blocks hash the same takes it back first. Pure Python, no tensors.
+handed out again (and its hash forgotten, an eviction) only after every free block that caches
+nothing, least recently freed first, unless a new sequence whose leading blocks hash the same takes
+it back first. Pure Python, no tensors.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._ref_counts = [0] * num_blocks
-        # Blocks with count 0, least recently freed first: handed out from the front, so a cached
-        # block is evicted only after every block freed before it.
+        # Blocks with count 0, handed out from the front: blocks that cache nothing first, then cached
+        # blocks least recently freed first.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}  # block hash -> block holding those positions' KV
@@ -123,6 +124,8 @@ class BlockManager:
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
                 self._free[b] = None
+                if self._hash_of[b] is None:  # holds nothing worth keeping: reuse it before any cached block
+                    self._free.move_to_end(b, last=False)
 
     # ---- prefix cache ----------------------------------------------------------------------------
 

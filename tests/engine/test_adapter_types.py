@@ -211,3 +211,48 @@ def test_idle_prefix_blocks_stay_cached_until_requests_need_the_kv_cache(demo_mo
     again = submit(engine, "prefix-again", [5, 6, 7], adapter="prefix", max_new_tokens=4, ignore_eos=True)
     run_until_done(engine)
     assert again.final.finish_reason == "length" and again.token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_prefix_cache_hits_give_the_cold_and_peft_outputs_for_every_type(demo_model_dir, peft_adapters,
+                                                                          expected_llama, block_size):
+    """Every type runs one prompt: first a shorter warm-up (it must not hit another adapter's blocks of the
+    same tokens), then the prompt with a hit ending mid-prompt, then again with every block cached (with
+    block size 1: all but the last token). Tokens and logprobs stay those of peft (and of the cold runs)."""
+    engine = make_engine(demo_model_dir, block_size=block_size, max_device_adapters=len(peft_adapters))
+    for name, path in peft_adapters.items():
+        engine.register_adapter(name, str(path))
+    prompt = engine.tokenizer.encode(PROMPTS[2])
+
+    def hits(name):
+        return engine.snapshot().prefix_cache_hits.get(name, 0)
+
+    for name in [None, *peft_adapters]:
+        warm = submit(engine, f"warm-{name}", prompt[:-6], adapter=name, max_new_tokens=2, ignore_eos=True)
+        run_until_done(engine)
+        assert warm.final.finish_reason == "length" and hits(name) == 0, name  # no sharing across adapters
+        mid = submit(engine, f"mid-{name}", prompt, adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
+        run_until_done(engine)
+        assert 0 < hits(name) < len(prompt) - 5, name
+        before = hits(name)
+        full = submit(engine, f"full-{name}", prompt, adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
+        run_until_done(engine)
+        if block_size == 1:
+            assert hits(name) - before == len(prompt) - 1, name
+        _assert_match({(name, 2): mid}, expected_llama)
+        _assert_match({(name, 2): full}, expected_llama)
+    assert engine.snapshot().kv_cache_usage == 0 and engine.block_manager.num_cached_blocks > 0
+
+
+def test_a_re_registered_adapter_never_hits_its_predecessors_blocks(demo_model_dir, peft_adapters, expected_llama):
+    engine = make_engine(demo_model_dir, block_size=4)
+    engine.register_adapter("x", str(peft_adapters["lora"]))
+    submit(engine, "old", PROMPTS[2], adapter="x", max_new_tokens=MAX_NEW, ignore_eos=True)
+    run_until_done(engine)
+    engine.unregister_adapter("x")
+    engine.register_adapter("x", str(peft_adapters["dora"]))  # same id, other weights
+    new = submit(engine, "new", PROMPTS[2], adapter="x", max_new_tokens=MAX_NEW, ignore_eos=True)
+    run_until_done(engine)
+    snapshot = engine.snapshot()
+    assert snapshot.prefix_cache_hits["x"] == 0 and snapshot.prefix_cache_queries["x"] > 0
+    _assert_match({("dora", 2): new}, expected_llama)

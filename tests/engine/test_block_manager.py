@@ -175,15 +175,18 @@ def test_cache_prompt_off_neither_looks_up_nor_caches_beyond_shared_positions():
     assert len(bm.cached_prefix(other)) == 1
 
 
-def test_least_recently_freed_cached_blocks_are_evicted_first():
+def test_blocks_that_cache_nothing_are_reused_before_cached_ones_least_recently_freed_first():
     bm = BlockManager(num_blocks=6, block_size=2)
     old = _computed(bm, _seq(5))  # 3 blocks, the first 2 full and cached
     old_blocks = list(old.block_table)
     bm.free(old)
-    bm.free(_computed(bm, _seq(5, first=50)))
+    new = _computed(bm, _seq(5, first=50))
+    new_blocks = list(new.block_table)
+    bm.free(new)
     assert bm.num_cached_blocks == 4 and bm.num_free_blocks == 6
-    taken = bm.allocate_blocks(2)  # old's uncached partial block, then old's tail: freed last-block-first
-    assert taken == [old_blocks[2], old_blocks[1]]
+    cached = old_blocks[:2] + new_blocks[:2]
+    taken = bm.allocate_blocks(3)  # the two blocks caching nothing, then old's tail: freed last-block-first
+    assert not set(taken[:2]) & set(cached) and taken[2] == old_blocks[1]
     assert bm.num_evictions == 1 and bm.num_cached_blocks == 3
     assert bm.cached_prefix(_seq(5)) == old_blocks[:1]
     assert len(bm.cached_prefix(_seq(5, first=50))) == 2
