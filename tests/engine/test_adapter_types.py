@@ -216,31 +216,34 @@ def test_idle_prefix_blocks_stay_cached_until_requests_need_the_kv_cache(demo_mo
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_prefix_cache_hits_give_the_cold_and_peft_outputs_for_every_type(demo_model_dir, peft_adapters,
                                                                           expected_llama, block_size):
-    """Every type runs one prompt: first a shorter warm-up (it must not hit another adapter's blocks of the
-    same tokens), then the prompt with a hit ending mid-prompt, then again with every block cached (with
-    block size 1: all but the last token). Tokens and logprobs stay those of peft (and of the cold runs)."""
-    engine = make_engine(demo_model_dir, block_size=block_size, max_device_adapters=len(peft_adapters))
+    """The base model, then every type in one batch, run one prompt three times: a shorter warm-up (which
+    must not hit the blocks other adapters computed for the same tokens), the prompt with a hit ending
+    mid-prompt, and the prompt with every block cached (with block size 1: all but its last token).
+    Tokens and logprobs stay those of peft, as for the cold runs."""
+    engine = make_engine(demo_model_dir, block_size=block_size, kv_tokens=4096,
+                         max_device_adapters=len(peft_adapters))
     for name, path in peft_adapters.items():
         engine.register_adapter(name, str(path))
     prompt = engine.tokenizer.encode(PROMPTS[2])
 
-    def hits(name):
-        return engine.snapshot().prefix_cache_hits.get(name, 0)
+    def run(case, names, max_new_tokens=MAX_NEW, ids=prompt):
+        before = engine.snapshot().prefix_cache_hits
+        results = {name: submit(engine, f"{case}-{name}", list(ids), adapter=name, max_new_tokens=max_new_tokens,
+                                ignore_eos=True) for name in names}
+        run_until_done(engine)
+        after = engine.snapshot().prefix_cache_hits
+        return results, {name: after.get(name, 0) - before.get(name, 0) for name in names}
 
-    for name in [None, *peft_adapters]:
-        warm = submit(engine, f"warm-{name}", prompt[:-6], adapter=name, max_new_tokens=2, ignore_eos=True)
-        run_until_done(engine)
-        assert warm.final.finish_reason == "length" and hits(name) == 0, name  # no sharing across adapters
-        mid = submit(engine, f"mid-{name}", prompt, adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
-        run_until_done(engine)
-        assert 0 < hits(name) < len(prompt) - 5, name
-        before = hits(name)
-        full = submit(engine, f"full-{name}", prompt, adapter=name, max_new_tokens=MAX_NEW, ignore_eos=True)
-        run_until_done(engine)
+    for names in ([None], list(peft_adapters)):
+        _, hits = run("warm", names, max_new_tokens=2, ids=prompt[:-6])
+        assert not any(hits.values()), hits  # the base model's blocks of the same tokens are not theirs
+        mid, hits = run("mid", names)
+        assert all(0 < n <= len(prompt) - 5 for n in hits.values()), hits
+        full, hits = run("full", names)
         if block_size == 1:
-            assert hits(name) - before == len(prompt) - 1, name
-        _assert_match({(name, 2): mid}, expected_llama)
-        _assert_match({(name, 2): full}, expected_llama)
+            assert all(n == len(prompt) - 1 for n in hits.values()), hits
+        for results in (mid, full):
+            _assert_match({(name, 2): collected for name, collected in results.items()}, expected_llama)
     assert engine.snapshot().kv_cache_usage == 0 and engine.block_manager.num_cached_blocks > 0
 
 
