@@ -140,6 +140,12 @@ def test_completions_take_token_ids_stop_strings_and_seeds(server):
     by_ids = api.completions.create(model="demo", prompt=tokens, max_tokens=16, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert by_ids.choices[0].text == free.text
+    engine = server.server.state.engine
+    looked_up = engine.snapshot().prefix_cache_queries.get(None, 0)
+    uncached = api.completions.create(model="demo", prompt=tokens, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True, "cache_prompt": False})
+    assert uncached.choices[0].text == free.text
+    assert engine.snapshot().prefix_cache_queries.get(None, 0) == looked_up  # not even looked up
     seeded = api.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
                                     extra_body={"top_k": 20, "repetition_penalty": 1.2, "ignore_eos": True}, user="u1")
     assert seeded.choices[0].text == sampled.text

