@@ -95,7 +95,7 @@ class Client(_Base):
     def generate(self, prompt: str | None = None, *, adapter: str | None = None, timeout: float | None = None,
                  **options) -> Completion:
         """The whole output. Options: prompt_token_ids, max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, seed, stop, ignore_eos, return_logprobs, request_id."""
+        repetition_penalty, seed, stop, ignore_eos, return_logprobs, request_id, cache_prompt."""
         request = types.generate_request(prompt, adapter=adapter, **options)
         return types.completion(self._call(self.generator.Generate, request, adapter, timeout))
 

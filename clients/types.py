@@ -75,6 +75,10 @@ class ServerInfo:
     batch_invariant: bool = False
     """A request's tokens do not depend on what else shares its batches (see the proto)."""
     int8_threshold: float = 0.0
+    prefix_caching: bool = False
+    """The server keeps the KV of prompt prefixes for later requests of the same adapter."""
+    prefix_cache_tokens: int = 0
+    """Tokens of KV in the prefix cache now (reclaimable or shared by running requests)."""
 
 
 def generate_request(
@@ -92,6 +96,7 @@ def generate_request(
     ignore_eos: bool = False,
     return_logprobs: bool = False,
     request_id: str = "",
+    cache_prompt: bool | None = None,
 ) -> pb.GenerateRequest:
     """The proto request; 0 for max_new_tokens, top_p and repetition_penalty means the server's default."""
     if (prompt is None) == (prompt_token_ids is None):
@@ -103,6 +108,8 @@ def generate_request(
     request = pb.GenerateRequest(request_id=request_id, adapter_id=adapter or "", sampling=sampling,
                                  max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
                                  return_logprobs=return_logprobs)
+    if cache_prompt is not None:
+        request.cache_prompt = cache_prompt
     if prompt is not None:
         request.prompt = prompt
     else:

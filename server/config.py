@@ -67,6 +67,8 @@ class CacheConfig:
     """KV capacity in tokens (rounded up to whole blocks); None: derive from memory_fraction."""
     memory_fraction: float = 0.9
     """On CUDA without num_tokens: fraction of free device memory (after weights) given to the KV cache."""
+    prefix_caching: bool = True
+    """Keep the KV of full prompt blocks for later requests of the same adapter with the same prefix."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -85,6 +85,10 @@ def add_parser(subparsers) -> None:
                        help="run decode steps eagerly on CUDA too: no CUDA graphs (debugging, profiling)")
     model.add_argument("--kv-cache-tokens", type=int, metavar="N",
                        help="KV cache capacity in tokens (default: 90%% of free GPU memory; 32768 on CPU)")
+    model.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="recompute every prompt from its first token instead of reusing the KV of a prefix an "
+                       "earlier request of the same adapter computed (on by default; a request can opt out with "
+                       "cache_prompt)")
     adapters = parser.add_argument_group("adapters")
     adapters.add_argument("--adapter", action="append", default=[], metavar="ID=PATH",
                           help="register an adapter at start (repeatable)")
@@ -138,7 +142,7 @@ def config_from_args(args: argparse.Namespace):
         engine = EngineConfig(
             model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
                               dtype=dtype, device=device, int8_threshold=args.int8_threshold),
-            cache=CacheConfig(num_tokens=args.kv_cache_tokens),
+            cache=CacheConfig(num_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching),
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                                    max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,
                                    adapter_repo=args.adapter_repo, dtype=args.adapter_dtype),

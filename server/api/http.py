@@ -204,7 +204,8 @@ class HttpApi:
             for prompt, prompt_ids in prompts:
                 engine = admit(self.state)
                 engine_request = GenerationRequest(request_id=uuid.uuid4().hex, prompt=prompt,
-                                                   prompt_token_ids=prompt_ids, adapter_id=adapter_id, sampling=sampling)
+                                                   prompt_token_ids=prompt_ids, adapter_id=adapter_id, sampling=sampling,
+                                                   cache_prompt=body.cache_prompt)
                 generations.append(_Generation(self.state, engine, engine_request, self.model_name))
             response_id = ("chatcmpl-" if chat else "cmpl-") + generations[0].request.request_id
             tokenizer = engine.engine.tokenizer

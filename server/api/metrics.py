@@ -5,6 +5,7 @@ Three sources, each read where it is cheapest:
   latencies, error codes;
 - per engine step, by a step listener on the engine thread: batch size and distinct adapters;
 - at scrape time, from `engine.snapshot()` (`_SnapshotCollector`): queue, running requests, KV usage,
+  the prefix cache (lookups and hits by adapter, cached blocks, evictions),
   adapters by state, the adapters of running and waiting requests (the inference gateway's
   `lora_requests_info` format), and the adapter store's load/eviction counters (kept by the store,
   so exposed as counters built at scrape time rather than mirrored).
@@ -158,7 +159,8 @@ class _SnapshotCollector(Collector):
                                 value=snap.num_waiting)
         yield GaugeMetricFamily("loraplex_running_requests", "Requests running in the engine (holding KV blocks)",
                                 value=snap.num_running)
-        yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
+        yield GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks held by running "
+                                "requests (blocks only the prefix cache keeps are reclaimable and not counted)",
                                 value=snap.kv_cache_usage)
         adapters = GaugeMetricFamily("loraplex_adapters", "Registered adapters by where their weights are "
                                      "(registered: disk only, host: host memory, device: a device slot; "
@@ -184,6 +186,21 @@ class _SnapshotCollector(Collector):
         lora_info.add_metric([",".join(sorted(snap.running_adapters)), ",".join(sorted(snap.waiting_adapters)),
                               str(engine.engine.config.adapters.max_device_adapters)], time.time())
         yield lora_info
+        queries = CounterMetricFamily("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache, by adapter (requests with cache_prompt false are not counted)",
+                                      labels=["adapter"])
+        hits = CounterMetricFamily("loraplex_prefix_cache_hits", "Prompt tokens whose KV came from the prefix "
+                                   "cache instead of being computed, by adapter", labels=["adapter"])
+        for adapter_id, n in snap.prefix_cache_queries.items():
+            label = adapter_id or BASE_MODEL_LABEL
+            queries.add_metric([label], n)
+            hits.add_metric([label], snap.prefix_cache_hits.get(adapter_id, 0))
+        yield queries
+        yield hits
+        yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks the prefix cache holds (shared by "
+                                "running requests, or reclaimable)", value=snap.prefix_cache_blocks)
+        yield CounterMetricFamily("loraplex_prefix_cache_evictions", "Cached KV blocks reused for other tokens "
+                                  "(least recently freed first)", value=snap.prefix_cache_evictions)
         yield CounterMetricFamily("loraplex_preemptions", "Sequences preempted (KV blocks ran out; they are "
                                   "recomputed later)", value=snap.num_preemptions)
         yield CounterMetricFamily("loraplex_step_failures", "Engine steps that raised and were rerun in parts "

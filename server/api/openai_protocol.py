@@ -52,6 +52,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    cache_prompt: bool = True
+    """loraplex extension (as vLLM's extra body fields): false keeps this prompt out of the prefix cache."""
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

@@ -219,6 +219,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             max_queued_requests=config.max_queued_requests,
             batch_invariant=model.batch_invariant,
             int8_threshold=model.int8_threshold,
+            prefix_caching=core.config.cache.prefix_caching,
+            prefix_cache_tokens=snap.prefix_cache_blocks * core.runner.block_size,
         )
 
     async def _outputs(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[str, RequestOutput]]:
@@ -316,7 +318,8 @@ def to_generation_request(request: pb.GenerateRequest) -> GenerationRequest:
         if not prompt:
             raise InvalidArgument("the prompt is empty")
     return GenerationRequest(request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids,
-                             adapter_id=request.adapter_id or None, sampling=params)
+                             adapter_id=request.adapter_id or None, sampling=params,
+                             cache_prompt=not request.HasField("cache_prompt") or request.cache_prompt)
 
 
 class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):

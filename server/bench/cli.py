@@ -13,8 +13,9 @@ the median over rounds of the ratio within a round, so slow drift of a shared ma
 The defaults are the CPU target workload: hidden 512 × 8 layers, 16 distinct rank-16 adapters on
 all 7 projections, batch 16, 32-token prompts, 32 new tokens.
 
-`--scale` runs the adapter-swapping benchmark instead (`scale`), `--grpc ADDRESS` drives a
-running server with concurrent streaming clients instead of an in-process engine.
+`--scale` runs the adapter-swapping benchmark instead (`scale`), `--shared-prefix` the prefix-caching
+one (`prefix`), `--grpc ADDRESS` drives a running server with concurrent streaming clients instead of
+an in-process engine.
 """
 
 from __future__ import annotations
@@ -164,6 +165,12 @@ def add_parser(subparsers) -> None:
                       "(default: a temporary directory, removed afterwards)")
     load.add_argument("--json", nargs="?", const="-", metavar="FILE",
                       help="write the results as JSON to FILE, or to stdout without FILE (the table then goes to stderr)")
+    prefix = parser.add_argument_group("shared-prefix run (--shared-prefix): prefix caching on and off")
+    prefix.add_argument("--shared-prefix", action="store_true",
+                        help="run the prefix-caching benchmark instead: each adapter's requests start with its own "
+                        "system prompt, followed by a --prompt-len user turn")
+    prefix.add_argument("--system-len", type=int, default=512, metavar="N",
+                        help="tokens of each adapter's system prompt (default 512)")
     scale = parser.add_argument_group("scale run (--scale): many adapters, few device slots")
     scale.add_argument("--scale", action="store_true",
                        help="run the adapter-swapping benchmark (zipf over many adapters) instead")
@@ -244,6 +251,13 @@ def run(args: argparse.Namespace) -> int:
             result = run_scale(scale, workdir, log)
             result["machine"] = machine_info(config)
             print(render_scale(result), file=out)
+        elif args.shared_prefix:
+            from loraplex.server.bench.prefix import bench_prefix, render_prefix
+
+            if args.system_len < 1:
+                raise UserError(f"--system-len must be >= 1, got {args.system_len}")
+            result = bench_prefix(config, args.system_len, workdir, log)
+            print(render_prefix(result), file=out)
         elif args.grpc:
             result = bench_grpc(config, args.grpc, args.adapter_ids, args.admin_token, log)
             print(render(result), file=out)

@@ -45,7 +45,8 @@ class LoraplexSystem:
         runner = self.engine.runner
         return self.model_bytes() + runner.lora_bytes() + runner.kv_cache.nbytes()
 
-    def run(self, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> RunResult:
+    def run(self, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,
+            cache_prompt: bool = True) -> RunResult:
         from loraplex.server.engine.engine import GenerationRequest
         from loraplex.server.model.sampling import SamplingParams
 
@@ -67,7 +68,7 @@ class LoraplexSystem:
             start = now()
             for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
                 request = GenerationRequest(f"bench-{self._runs}-{i}", prompt_token_ids=tuple(prompt),
-                                            adapter_id=adapter, sampling=sampling)
+                                            adapter_id=adapter, sampling=sampling, cache_prompt=cache_prompt)
                 engine.add_request(request, sink_for(i))
             while engine.has_work():
                 stats = engine.step()

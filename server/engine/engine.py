@@ -4,7 +4,8 @@
 `add_request`, `abort` and the adapter methods, which validate at once (raising an `EngineError` the
 API maps to a status code) and hand work to the step thread through an inbox. One step reads:
 
-    drain inbox → schedule → assign adapter slots → run the model → sample → detokenize/stop → emit
+    drain inbox → schedule (a plan) → allocate its blocks, write prefix-tuning KV → assign adapter
+    slots → run the model → sample → name computed blocks in the prefix cache → detokenize/stop → emit
 
 A step that raises ends only the requests that cause it (`_isolate`): the step's sequences are run
 again split by adapter, failing groups halved down to single sequences; everyone else's results of
@@ -37,8 +38,8 @@ from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.model.runner import ModelRunner, StepInput
 from loraplex.server.model.sampling import Sampler, SamplingParams, make_generator
-from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
-from loraplex.server.engine.sequence import Sequence, SharedPrefix
+from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
+from loraplex.server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class GenerationRequest:
     adapter_id: str | None = None
     """None (or "") is the base model."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    cache_prompt: bool = True
+    """Take the prompt's leading blocks from the prefix cache and leave its blocks there (when the
+    server's prefix caching is on)."""
 
 
 @dataclass
@@ -98,6 +102,14 @@ class EngineSnapshot:
     """Steps that raised and were rerun to isolate the failing requests."""
     num_quarantines: int
     """Adapters quarantined since start."""
+    prefix_cache_queries: dict[str | None, int] = field(default_factory=dict)
+    """Prompt tokens looked up in the prefix cache, by adapter id (None: the base model)."""
+    prefix_cache_hits: dict[str | None, int] = field(default_factory=dict)
+    """Prompt tokens whose KV came from the prefix cache, by adapter id."""
+    prefix_cache_blocks: int = 0
+    """KV blocks the prefix cache names (referenced by running requests or reclaimable)."""
+    prefix_cache_evictions: int = 0
+    """Cached blocks handed out for other positions since start."""
     running_adapters: frozenset[str] = frozenset()
     """Adapter ids of running requests (the base model not counted)."""
     waiting_adapters: frozenset[str] = frozenset()
@@ -115,8 +127,9 @@ class _RequestState:
     adapter_key: str | None
     kind: AdapterKind | None
     """None for the base model."""
-    num_virtual: int
-    """The adapter's virtual tokens (prompt or prefix tuning), before padding."""
+    adapter_virtual_tokens: int
+    """The adapter's virtual tokens (prompt or prefix tuning), before padding to
+    `Sequence.num_virtual_positions`."""
 
 
 class LLMEngine:
@@ -136,9 +149,10 @@ class LLMEngine:
         self._seeds = random.Random(config.seed)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
-        self._sequences: dict[str, Sequence] = {}  # request id -> live sequence
-        self._prefixes: dict[str, SharedPrefix] = {}  # adapter key -> its shared prefix blocks
-        self._lock = threading.Lock()  # guards _sequences and _prefixes for add/abort from other threads
+        self._sequences: dict[str, Sequence[_RequestState]] = {}  # request id -> live sequence
+        self._lock = threading.Lock()  # guards _sequences for add/abort from other threads
+        self._prefix_queries: dict[str | None, int] = defaultdict(int)
+        self._prefix_hits: dict[str | None, int] = defaultdict(int)
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
         self.num_step_failures = 0
@@ -187,13 +201,13 @@ class LLMEngine:
             )
             state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
                                   StopChecker(params.stop), generator, max_new_tokens, adapter_key, kind, num_virtual)
-            seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens,
-                           adapter_key=adapter_key, num_virtual_tokens=kv_virtual, extra=state)
+            seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens, adapter_key=adapter_key,
+                           num_virtual_positions=kv_virtual,
+                           num_shared_positions=kv_virtual if kind is AdapterKind.PREFIX else 0,
+                           cache_prompt=self.config.cache.prefix_caching and request.cache_prompt, extra=state)
             with self._lock:
                 if request.request_id in self._sequences:
                     raise InvalidArgument(f"request_id {request.request_id!r} is already in flight")
-                if kind is AdapterKind.PREFIX:
-                    seq.shared_prefix = self._prefixes.setdefault(adapter_key, SharedPrefix(kv_virtual))
                 self._sequences[request.request_id] = seq
         except BaseException:
             if adapter_key is not None:
@@ -246,6 +260,10 @@ class LLMEngine:
             num_waiting=scheduler.num_waiting + len(self._inbox),
             num_running=scheduler.num_running,
             kv_cache_usage=self.block_manager.usage(),
+            prefix_cache_queries=dict(self._prefix_queries),
+            prefix_cache_hits=dict(self._prefix_hits),
+            prefix_cache_blocks=self.block_manager.num_cached_blocks,
+            prefix_cache_evictions=self.block_manager.num_evictions,
             adapters_by_state=dict(self.store.state_counts()),
             adapter_loads=dict(self.store.loads),
             adapter_evictions=dict(self.store.evictions),
@@ -270,13 +288,17 @@ class LLMEngine:
         started = time.perf_counter()
         self._drain_inbox()
         self._fail_broken_adapters()
-        if self.scheduler.num_waiting:
-            # requests are queued: KV blocks may be short, so no idle adapter keeps its prefix cached
-            self._release_idle_prefixes(keep_cached=False)
         out = self.scheduler.schedule(self._adapter_ready)
         if not out.scheduled:
-            self._release_idle_prefixes()
             return None
+        self.block_manager.allocate_step(out.scheduled)
+        for item in out.scheduled:
+            if item.admitted:
+                self._start(item)
+        live = [item for item in out.scheduled if not item.seq.is_finished]
+        if not live:
+            return None
+        out = SchedulerOutput(live, out.preempted, sum(s.num_new_tokens for s in live))
         running_keys = {s.adapter_key for s in self.scheduler.running if s.adapter_key is not None}
         running_keys |= {s.seq.adapter_key for s in out.scheduled if s.seq.adapter_key is not None}
         try:
@@ -284,6 +306,9 @@ class LLMEngine:
         except Exception as error:
             sampled, logprobs = self._isolate(out.scheduled, error)
         self.scheduler.update(out, sampled)
+        for item in out.scheduled:
+            if not item.seq.is_finished:
+                self.block_manager.cache_computed(item.seq)
         for item in out.scheduled:
             seq = item.seq
             if seq.seq_id not in sampled:
@@ -300,7 +325,6 @@ class LLMEngine:
             seconds=time.perf_counter() - started,
         )
         self.num_steps += 1
-        self._release_idle_prefixes()
         for listener in self.step_listeners:
             listener(stats)
         return stats
@@ -397,52 +421,43 @@ class LLMEngine:
         self.scheduler.abort(seq.seq_id)
         self._close(seq, RequestOutput(seq.request_id, finished=True, finish_reason=FINISH_ERROR, error=error))
 
-    def _step_input(self, seq: Sequence, n: int, slot: int, samples: bool) -> StepInput:
-        state: _RequestState = seq.extra
+    def _start(self, item: ScheduledSequence) -> None:
+        """A sequence admitted this step: count its prefix-cache lookup, write the prefix-tuning KV
+        its cached blocks do not hold."""
+        seq = item.seq
+        state = seq.extra
+        num_cached = len(item.cached_blocks) * self.block_manager.block_size
+        if seq.num_preemptions == 0 and seq.cache_prompt:
+            adapter_id = state.request.adapter_id or None
+            self._prefix_queries[adapter_id] += seq.num_prompt_tokens
+            self._prefix_hits[adapter_id] += max(0, num_cached - seq.num_virtual_positions)
+        if seq.num_shared_positions <= num_cached:
+            return
+        weights = self.store.host_weights(seq.adapter_key)
+        if weights is None:  # dropped from host memory since the scheduler asked: wait for the reload
+            self._fail(seq, Unavailable(f"adapter {state.request.adapter_id!r} was evicted while its request "
+                                        "started; retry"))
+            return
+        self.runner.write_prefix(seq.block_table[: self.block_manager.blocks_for(seq.num_shared_positions)],
+                                 weights.prefix_kv)
+
+    def _step_input(self, seq: Sequence[_RequestState], n: int, slot: int, samples: bool) -> StepInput:
+        state = seq.extra
         start = seq.num_computed_tokens
         virtual = skip = None
-        if state.kind is AdapterKind.PROMPT and start < state.num_virtual:
-            virtual = self.runner.slot_prompts[slot][start : min(start + n, state.num_virtual)]
-        elif state.kind is AdapterKind.PREFIX and seq.num_virtual_tokens > state.num_virtual:
-            skip = (state.num_virtual, seq.num_virtual_tokens)
+        if state.kind is AdapterKind.PROMPT and start < state.adapter_virtual_tokens:
+            virtual = self.runner.slot_prompts[slot][start : min(start + n, state.adapter_virtual_tokens)]
+        elif state.kind is AdapterKind.PREFIX and seq.num_virtual_positions > state.adapter_virtual_tokens:
+            skip = (state.adapter_virtual_tokens, seq.num_virtual_positions)
         return StepInput(token_ids=seq.token_ids_at(start, start + n), start=start, block_table=seq.block_table,
                          slot=slot, samples=samples, virtual_embeddings=virtual, skip=skip)
 
     def _adapter_ready(self, key: str) -> bool:
-        """Whether sequences of this adapter can be admitted now; fills a prefix adapter's blocks."""
+        """Whether sequences of this adapter can be admitted now: a prefix-tuning adapter also needs
+        its weights in host memory, for the KV the engine writes when the sequence starts."""
         if not self.store.is_ready(key):
             return False
-        with self._lock:
-            prefix = self._prefixes.get(key)
-        if prefix is None or prefix.blocks is not None:
-            return True
-        weights = self.store.host_weights(key)
-        needed = self.block_manager.blocks_for(prefix.num_positions)
-        if weights is not None and self.block_manager.num_free_blocks < needed:
-            self._release_idle_prefixes(keep_cached=False)
-        if weights is None or self.block_manager.num_free_blocks < needed:
-            return False
-        prefix.blocks = self.block_manager.allocate_blocks(needed)
-        self.runner.write_prefix(prefix.blocks, weights.prefix_kv)
-        return True
-
-    def _release_idle_prefixes(self, keep_cached: bool = True) -> None:
-        """Free the prefix blocks of adapters that no live request uses.
-
-        keep_cached: an idle adapter that still holds a device slot keeps its blocks (its next request
-        reuses them without rewriting); False when KV blocks are wanted (requests waiting, or a prefix
-        that does not fit): then every idle adapter's blocks go back to the pool.
-        """
-        with self._lock:
-            live = {seq.adapter_key for seq in self._sequences.values()}
-            for key, prefix in list(self._prefixes.items()):
-                if key in live:
-                    continue
-                if prefix.blocks is not None and not (keep_cached and self.store.has_slot(key)):
-                    self.block_manager.free_blocks(prefix.blocks)
-                    prefix.blocks = None
-                if prefix.blocks is None:
-                    del self._prefixes[key]
+        return self.store.kind(key)[0] is not AdapterKind.PREFIX or self.store.host_weights(key) is not None
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -461,8 +476,8 @@ class LLMEngine:
             if error is not None:
                 self._fail(seq, error)
 
-    def _postprocess(self, seq: Sequence, token: int, logprob: float) -> None:
-        state: _RequestState = seq.extra
+    def _postprocess(self, seq: Sequence[_RequestState], token: int, logprob: float) -> None:
+        state = seq.extra
         params = state.request.sampling
         finish = None
         text = ""
@@ -474,7 +489,7 @@ class LLMEngine:
                 finish = FINISH_STOP
         if finish is None and (
             seq.num_output_tokens >= state.max_new_tokens
-            or seq.num_tokens + state.num_virtual >= self.scheduler.config.max_model_len
+            or seq.num_tokens + state.adapter_virtual_tokens >= self.scheduler.config.max_model_len
         ):
             finish = FINISH_LENGTH
         if finish in (FINISH_EOS, FINISH_LENGTH):  # release held-back text; it may still complete a stop string
@@ -497,8 +512,8 @@ class LLMEngine:
             self.scheduler.finish(seq)
             self._close(seq, output)
 
-    def _close(self, seq: Sequence, output: RequestOutput) -> None:
-        state: _RequestState = seq.extra
+    def _close(self, seq: Sequence[_RequestState], output: RequestOutput) -> None:
+        state = seq.extra
         with self._lock:
             if self._sequences.pop(seq.request_id, None) is None:
                 return
@@ -519,7 +534,7 @@ class LLMEngine:
         self.store.close()
 
 
-def _adapter_ids(sequences: list[Sequence]) -> frozenset[str]:
+def _adapter_ids(sequences: list[Sequence[_RequestState]]) -> frozenset[str]:
     return frozenset(seq.extra.request.adapter_id for seq in sequences if seq.extra.request.adapter_id)
 
 
@@ -560,12 +575,14 @@ class AsyncEngine:
         """Outputs of `request` as they are produced; closing the iterator early aborts it."""
         if self._draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
-        if request.adapter_id and self.engine.store.would_load_from_repo(request.adapter_id):
-            # first use of a repository adapter: reading and validating its files is no work for the loop
-            await asyncio.to_thread(self.engine.store.load_from_repo, request.adapter_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.engine.add_request(request, lambda output: loop.call_soon_threadsafe(queue.put_nowait, output))
+        sink = lambda output: loop.call_soon_threadsafe(queue.put_nowait, output)  # noqa: E731
+        if request.adapter_id and self.engine.store.would_load_from_repo(request.adapter_id):
+            # first use of a repository adapter: add_request reads and validates its files, no work for the loop
+            await asyncio.to_thread(self.engine.add_request, request, sink)
+        else:
+            self.engine.add_request(request, sink)
         finished = False
         try:
             while not finished:

@@ -2,10 +2,15 @@
 
 One engine step reads:
 
-    out = scheduler.schedule(adapter_ready)      # who computes which positions
+    out = scheduler.schedule(adapter_ready)      # the plan: who computes which positions, with which blocks
+    block_manager.allocate_step(out.scheduled)    # the engine carries it out (and writes prefix-tuning KV)
     ... run the model on out.scheduled, sample a token for each item with `samples` ...
     scheduler.update(out, {seq_id: token_id})     # advance KV progress, append sampled tokens
+    block_manager.cache_computed(seq)             # for each scheduled sequence: name its full blocks
     ... for each sequence that must stop (EOS, stop string, max_new_tokens): scheduler.finish(seq)
+
+The scheduler never allocates: it counts the free blocks its plan speaks for, and frees the blocks
+of the sequences it preempts, finishes or aborts.
 
 `schedule` works in two phases, first come first served:
 
@@ -16,9 +21,10 @@ One engine step reads:
    kept and re-prefilled with the prompt) and put back at the front of the waiting queue; the
    oldest sequences always progress. A step that preempts admits nothing.
 2. Waiting sequences, in queue order, are admitted while `max_num_seqs`, the token budget, the KV
-   blocks and the adapter budget allow. Admission allocates the blocks of the sequence's whole
-   remaining prefill, so a chunked prefill never stalls midway; the first step computes
-   `min(uncomputed, tokens left)` positions. A sequence that does not fit is skipped, not waited for:
+   blocks and the adapter budget allow. An admitted sequence starts with the leading full blocks
+   the prefix cache holds for it (`BlockManager.cached_prefix`: those positions count as computed)
+   and gets blocks for its whole remaining prefill, so a chunked prefill never stalls midway; the
+   first step computes `min(uncomputed, tokens left)` positions. A sequence that does not fit is skipped, not waited for:
    - its adapter would make more than `max_adapters` distinct adapters among running sequences;
    - its adapter is not `adapter_ready` yet (the engine loads adapters in the background);
    - its remaining prefill does not fit in the free blocks.
@@ -43,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from loraplex.server.engine.block_manager import BlockManager
-from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted
+from loraplex.server.errors import EngineError, InvalidArgument
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 _BLOCKS = "blocks"
@@ -88,6 +94,15 @@ class ScheduledSequence:
     samples: bool
     """After this step every position is computed: the engine samples the next token from the
     logits of the last position."""
+    num_new_blocks: int = 0
+    """Blocks the engine appends to the block table before the step (`BlockManager.allocate_step`)."""
+    cached_blocks: tuple[int, ...] | None = None
+    """Set when the sequence is admitted this step: the leading blocks it takes from the prefix
+    cache (its block table starts with them)."""
+
+    @property
+    def admitted(self) -> bool:
+        return self.cached_blocks is not None
 
     @property
     def stop(self) -> int:
@@ -152,22 +167,23 @@ class Scheduler:
         return bool(self._seqs)
 
     def check_admissible(
-        self, num_prompt_tokens: int, max_new_tokens: int, num_virtual_tokens: int = 0
+        self, num_prompt_tokens: int, max_new_tokens: int, num_virtual_positions: int = 0
     ) -> EngineError | None:
         """The error to refuse a request with, or None if it can run (alone, at worst).
 
-        InvalidArgument for an empty prompt, max_new_tokens < 1 or a sequence longer than
-        max_model_len; ResourceExhausted when its KV would not fit in the whole cache. The last
-        sampled token is never computed, so a sequence needs virtual + prompt + max_new_tokens - 1
-        slots. `str(error)` is the message.
+        InvalidArgument for an empty prompt, max_new_tokens < 1, a sequence longer than
+        max_model_len, or one whose KV would not fit in the whole cache (a retry can never succeed,
+        so not ResourceExhausted). The last sampled token is never computed, so a sequence needs
+        virtual + prompt + max_new_tokens - 1 slots. `str(error)` is the message. The engine checks
+        this once, before `add`.
         """
         if num_prompt_tokens < 1:
             return InvalidArgument("the prompt is empty: at least one token is needed")
         if max_new_tokens < 1:
             return InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        total = num_virtual_tokens + num_prompt_tokens + max_new_tokens
+        total = num_virtual_positions + num_prompt_tokens + max_new_tokens
         if total > self.config.max_model_len:
-            virtual = f" + {num_virtual_tokens} virtual" if num_virtual_tokens else ""
+            virtual = f" + {num_virtual_positions} virtual" if num_virtual_positions else ""
             return InvalidArgument(
                 f"{num_prompt_tokens} prompt tokens{virtual} + max_new_tokens {max_new_tokens} = "
                 f"{total} exceeds the maximum sequence length {self.config.max_model_len}"
@@ -175,7 +191,7 @@ class Scheduler:
         bm = self.block_manager
         blocks = bm.blocks_for(total - 1)
         if blocks > bm.num_blocks:
-            return ResourceExhausted(
+            return InvalidArgument(
                 f"the request needs {total - 1} KV slots ({blocks} blocks of {bm.block_size}) but the "
                 f"whole KV cache has {bm.num_blocks} blocks; lower max_new_tokens or shorten the prompt"
             )
@@ -184,12 +200,9 @@ class Scheduler:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; raises the `check_admissible` error if it could never run."""
+        """Queue a new sequence that passed `check_admissible`."""
         if seq.seq_id in self._seqs or seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"sequence {seq.seq_id} was already added")
-        error = self.check_admissible(seq.num_prompt_tokens, seq.max_new_tokens, seq.num_virtual_tokens)
-        if error is not None:
-            raise error
         self._seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -211,7 +224,7 @@ class Scheduler:
     # ---- the step ------------------------------------------------------------------------------
 
     def schedule(self, adapter_ready: Callable[[str | None], bool]) -> SchedulerOutput:
-        """Choose this step's work (see the module docstring).
+        """Choose this step's work (see the module docstring); the engine carries the plan out.
 
         `adapter_ready(adapter_key)` says whether a waiting sequence's adapter can be used in a step
         now; it is called at most once per adapter per step, never for None (the base model), and
@@ -221,7 +234,7 @@ class Scheduler:
         with sequences waiting means they all wait for adapters: the engine should wait for a load
         rather than spin.
         """
-        bm = self.block_manager
+        plan = _BlockPlan(self.block_manager)
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
@@ -235,20 +248,21 @@ class Scheduler:
                     f"running sequence {seq.seq_id} has no position to compute: call update() after "
                     "every step and finish() for sequences that stop"
                 )
-            while not bm.can_allocate(seq, n):
+            needed = self.block_manager.num_blocks_needed(seq, n)
+            while needed > plan.available:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, n)
-                scheduled.append(_scheduled(seq, n))
+                plan.reserve(needed)
+                scheduled.append(_scheduled(seq, n, needed))
                 budget -= n
                 i += 1
 
         if not preempted:
-            budget = self._admit(adapter_ready, budget, scheduled)
+            budget = self._admit(adapter_ready, budget, scheduled, plan)
         num_batched = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, preempted, num_batched)
 
@@ -284,9 +298,10 @@ class Scheduler:
         adapter_ready: Callable[[str | None], bool],
         budget: int,
         scheduled: list[ScheduledSequence],
+        plan: _BlockPlan,
     ) -> int:
         """Phase 2 of `schedule`: admit waiting sequences; returns the token budget left."""
-        cfg, bm = self.config, self.block_manager
+        cfg = self.config
         ready_memo: dict[str, bool] = {}
         held: set[str] = set()  # resources reserved for a sequence bypassed max_bypass_steps times
         blocked: list[tuple[Sequence, str]] = []  # skipped this step, and for which resource
@@ -312,8 +327,10 @@ class Scheduler:
                     held.add(_ADAPTERS)  # keep the slot that is free now for it while it loads
                 kept.append(seq)
                 continue
-            elif not self._attach_blocks(seq):
-                reason = _BLOCKS
+            else:
+                admission = plan.admission(seq)
+                if admission is None:
+                    reason = _BLOCKS
             if reason is not None:
                 blocked.append((seq, reason))
                 if starving:
@@ -321,13 +338,14 @@ class Scheduler:
                 kept.append(seq)
                 continue
 
+            cached, num_computed, num_new_blocks = admission
+            seq.num_computed_tokens = num_computed
             n = min(seq.num_uncomputed_tokens, budget)
-            bm.allocate(seq, seq.num_uncomputed_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if adapter is not None:
                 self._adapter_refs[adapter] = self._adapter_refs.get(adapter, 0) + 1
-            scheduled.append(_scheduled(seq, n))
+            scheduled.append(_scheduled(seq, n, num_new_blocks, cached))
             budget -= n
             for other, why in blocked:
                 if why == _BLOCKS or adapter is not None:
@@ -339,26 +357,6 @@ class Scheduler:
             self._bypassed[seq_id] = self._bypassed.get(seq_id, 0) + 1
         return budget
 
-    def _attach_blocks(self, seq: Sequence) -> bool:
-        """Whether `seq` can get blocks for its whole remaining prefill; shares its prefix blocks first.
-
-        A prefix-tuning sequence starts with its adapter's shared blocks in its table and those
-        positions computed; if the rest does not fit, the share is undone.
-        """
-        bm = self.block_manager
-        prefix = seq.shared_prefix
-        if prefix is None or seq.block_table:
-            return bm.can_allocate(seq, seq.num_uncomputed_tokens)
-        if prefix.blocks is None:
-            raise RuntimeError(f"sequence {seq.seq_id}: its adapter's prefix blocks were not filled before admission")
-        seq.block_table = bm.share(prefix.blocks)
-        seq.num_computed_tokens = prefix.num_positions
-        if bm.can_allocate(seq, seq.num_uncomputed_tokens):
-            return True
-        bm.free(seq)
-        seq.num_computed_tokens = 0
-        return False
-
     @staticmethod
     def _ready(adapter: str, adapter_ready: Callable[[str | None], bool], memo: dict[str, bool]) -> bool:
         if adapter not in memo:
@@ -366,6 +364,7 @@ class Scheduler:
         return memo[adapter]
 
     def _preempt(self, seq: Sequence) -> None:
+        """Its blocks are freed at once (cached ones stay cached), so the plan can count them."""
         self.running.remove(seq)
         self._release_adapter(seq)
         self.block_manager.free(seq)
@@ -395,6 +394,41 @@ class Scheduler:
                 del self._adapter_refs[seq.adapter_key]
 
 
-def _scheduled(seq: Sequence, n: int) -> ScheduledSequence:
+def _scheduled(seq: Sequence, n: int, num_new_blocks: int, cached: tuple[int, ...] | None = None) -> ScheduledSequence:
     start = seq.num_computed_tokens
-    return ScheduledSequence(seq, start, n, samples=start + n == seq.num_positions)
+    return ScheduledSequence(seq, start, n, samples=start + n == seq.num_positions, num_new_blocks=num_new_blocks,
+                             cached_blocks=cached)
+
+
+class _BlockPlan:
+    """The free blocks a plan has not spoken for yet; blocks change hands only when the engine
+    carries the plan out (`BlockManager.allocate_step`)."""
+
+    def __init__(self, block_manager: BlockManager) -> None:
+        self.block_manager = block_manager
+        self._reserved = 0
+        self._reclaimed: set[int] = set()  # free cached blocks the plan takes back
+
+    @property
+    def available(self) -> int:
+        return self.block_manager.num_free_blocks - self._reserved
+
+    def reserve(self, n: int) -> None:
+        self._reserved += n
+
+    def admission(self, seq: Sequence) -> tuple[tuple[int, ...], int, int] | None:
+        """(cached blocks, positions computed, new blocks) to admit `seq` with its whole remaining
+        prefill, or None if the blocks are not there.
+
+        The leading blocks found in the prefix cache count as computed; prefix tuning's shared
+        positions are computed either way (the engine writes the ones that missed).
+        """
+        bm = self.block_manager
+        cached = tuple(bm.cached_prefix(seq))
+        reclaimed = {b for b in cached if bm.ref_count(b) == 0} - self._reclaimed
+        num_new_blocks = bm.blocks_for(seq.num_positions) - len(cached)
+        if num_new_blocks + len(reclaimed) > self.available:
+            return None
+        self._reserved += num_new_blocks + len(reclaimed)
+        self._reclaimed |= reclaimed
+        return cached, max(len(cached) * bm.block_size, seq.num_shared_positions), num_new_blocks

@@ -1,7 +1,8 @@
 """One generation request as the scheduler and the block manager see it: tokens, KV progress, blocks.
 
-A sequence is laid out over *positions*: `num_virtual_tokens` virtual positions first (0 for every
-adapter type served today), then its real tokens, prompt then output:
+A sequence is laid out over *positions*: `num_virtual_positions` virtual positions first (a prompt or
+prefix tuning adapter's virtual tokens; 0 for every other adapter type), then its real tokens,
+prompt then output:
 
     positions:  [0 .. P)            [P .. P + len(prompt))   [P + len(prompt) .. num_positions)
                 virtual (adapter)   prompt tokens            output tokens
@@ -11,14 +12,10 @@ computes positions `[num_computed_tokens, num_computed_tokens + n)`; when that r
 `num_positions` the model's last logits give the next token, which is appended (uncomputed) and
 computed by the following step. With P = 0, position i holds `token_ids[i]`.
 
-Hook for prompt/prefix-tuning adapters (a later issue; nothing here implements them beyond counting):
-- prompt tuning feeds P virtual input embeddings: the engine computes positions [0, P) from the
-  adapter's embeddings instead of token ids, like any other prefill chunk.
-- prefix tuning has P precomputed KV entries per layer: the adapter store would keep them in shared,
-  ref-counted blocks (`BlockManager.share`), put them at the front of `block_table` and start
-  `num_computed_tokens` at P. A partly filled last shared block must be copied (or P padded to a
-  block multiple) before the sequence writes its own tokens into it; after a preemption, which
-  resets `num_computed_tokens` to 0, the prefix would be re-shared the same way.
+Virtual positions: prompt tuning computes [0, P) from the adapter's embeddings instead of token ids,
+like any other prefill chunk. Prefix tuning has precomputed keys/values, padded to whole blocks
+(`num_shared_positions`): the engine writes them into the sequence's first blocks (or finds them in
+the prefix cache) and the sequence starts with those positions computed.
 """
 
 from __future__ import annotations
@@ -26,18 +23,9 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import Generic, TypeVar
 
-
-class SharedPrefix:
-    """KV blocks holding positions [0, num_positions) for every sequence of one prefix adapter.
-
-    The engine fills `blocks` (whole blocks: num_positions is a multiple of the block size) before
-    the scheduler admits a sequence of that adapter, and keeps one reference to them itself.
-    """
-
-    def __init__(self, num_positions: int) -> None:
-        self.num_positions = num_positions
-        self.blocks: list[int] | None = None
+ExtraT = TypeVar("ExtraT")
 
 
 class SequenceStatus(enum.Enum):
@@ -49,7 +37,7 @@ class SequenceStatus(enum.Enum):
     """Finished or aborted; its blocks are freed and the scheduler no longer knows it."""
 
 
-class Sequence:
+class Sequence(Generic[ExtraT]):
     """A request's token state; owned by the scheduler, read by the engine and the model runner.
 
     Append generated tokens with `append_token` only (the scheduler's `update` does): `token_ids`,
@@ -66,9 +54,11 @@ class Sequence:
         *,
         max_new_tokens: int,
         adapter_key: str | None = None,
-        num_virtual_tokens: int = 0,
+        num_virtual_positions: int = 0,
+        num_shared_positions: int = 0,
+        cache_prompt: bool = True,
         arrival_time: float | None = None,
-        extra: object = None,
+        extra: ExtraT = None,
     ) -> None:
         self.seq_id: int = next(Sequence._ids)
         """Unique in this process, increasing in creation order."""
@@ -82,20 +72,28 @@ class Sequence:
         """Prompt then output tokens (real tokens only, no virtual positions)."""
         self.max_new_tokens = max_new_tokens
         """Upper bound on output tokens; the engine stops the sequence when it is reached."""
-        self.num_virtual_tokens = num_virtual_tokens
-        """P virtual positions before the prompt (prompt/prefix tuning); they use KV slots."""
+        self.num_virtual_positions = num_virtual_positions
+        """P virtual positions before the prompt (prompt/prefix tuning); they use KV slots. For prefix
+        tuning, the adapter's virtual tokens padded to whole blocks."""
+        self.num_shared_positions = num_shared_positions
+        """Leading positions whose KV the engine writes rather than computes, shared through the
+        prefix cache even when `cache_prompt` is off (prefix tuning's padded virtual positions)."""
+        self.cache_prompt = cache_prompt
+        """Whether its full blocks are looked up in and added to the prefix cache."""
+        self.block_hashes: list[bytes] = []
+        """Prefix-cache hashes of its first full blocks, computed once (BlockManager)."""
+        self.num_cached_blocks = 0
+        """Leading blocks of `block_table` already named in the prefix cache."""
         self.num_computed_tokens = 0
         """Positions [0, num_computed_tokens) have their keys/values in the cache."""
         self.block_table: list[int] = []
-        """KV block ids; position p lives in block_table[p // block_size] (BlockManager.slot)."""
+        """KV block ids; position p lives in slot block_table[p // block_size] * block_size + p % block_size."""
         self.status = SequenceStatus.WAITING
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         """How many times it was preempted (blocks freed, KV recomputed on readmission)."""
-        self.extra = extra
+        self.extra: ExtraT = extra
         """Opaque to the scheduler: the engine's per-request state (sampling params, queue, ...)."""
-        self.shared_prefix: SharedPrefix | None = None
-        """Prefix tuning: blocks holding the adapter's virtual KV entries, shared by its sequences."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -113,7 +111,7 @@ class Sequence:
     @property
     def num_positions(self) -> int:
         """Virtual plus real positions: the KV slots needed once every token is computed."""
-        return self.num_virtual_tokens + len(self.token_ids)
+        return self.num_virtual_positions + len(self.token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -140,8 +138,14 @@ class Sequence:
 
     def token_ids_at(self, start: int, stop: int) -> list[int]:
         """Real token ids at positions [start, stop); virtual positions have none and are left out."""
-        p = self.num_virtual_tokens
+        p = self.num_virtual_positions
         return self.token_ids[max(start - p, 0) : max(stop - p, 0)]
+
+    def position_keys(self, start: int, stop: int) -> list[int]:
+        """What positions [start, stop) hold, for the prefix cache: token ids, and -1 - p for virtual
+        position p (whose content the adapter registration, the hash chain's root, determines)."""
+        p = self.num_virtual_positions
+        return [-1 - i for i in range(start, min(stop, p))] + self.token_ids_at(start, stop)
 
     def __repr__(self) -> str:
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -82,9 +83,9 @@ def test_statuses_of_registration(server, adapter_root, tmp_path):
             client.get_adapter("small")
 
 
-def test_resource_exhausted_for_kv_and_for_the_queue(server):
+def test_kv_that_never_fits_is_invalid_and_a_full_queue_is_resource_exhausted(server):
     with Client(server.address) as client:
-        with pytest.raises(clients.ResourceExhausted, match="KV"):
+        with pytest.raises(clients.InvalidArgument, match="KV"):  # a retry can never fit: not RESOURCE_EXHAUSTED
             client.generate("hi", max_new_tokens=1500)  # fits the context (2048), not the 1024-token cache
         first = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)
         second = client.stream(PROMPT, max_new_tokens=900, ignore_eos=True)
@@ -185,6 +186,34 @@ def test_metrics_endpoint_is_prometheus_text(server):
     for name in ("loraplex_requests_total", "loraplex_queue_depth", "loraplex_kv_cache_usage_ratio",
                  "loraplex_adapters", "loraplex_adapter_loads_total", "loraplex_batch_size_tokens_bucket"):
         assert f"\n{name}" in text, name
+
+
+def _metric(text: str, series: str) -> float:
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_prefix_cache_over_grpc_with_metrics_and_server_info(server):
+    prompt = PROMPT * 6  # several full 16-token blocks
+    series = ('loraplex_prefix_cache_queries_total{adapter="_base"}', 'loraplex_prefix_cache_hits_total{adapter="_base"}')
+    before = [_metric(fetch(server.server.metrics_url), name) for name in series]
+    with Client(server.address) as client:
+        options = dict(max_new_tokens=4, ignore_eos=True, return_logprobs=True)
+        cold = client.generate(prompt, cache_prompt=False, **options)  # neither looked up nor counted
+        first = client.generate(prompt, **options)
+        hit = client.generate(prompt, **options)
+        assert cold.token_ids == first.token_ids == hit.token_ids
+        assert max(abs(a - b) for a, b in zip(cold.logprobs, hit.logprobs)) < 1e-4
+        info = client.server_info()
+        for _ in range(100):  # the engine frees the last request's blocks on its next step
+            if info.running_requests == 0 and info.kv_cache_usage == 0:
+                break
+            info = client.server_info()
+        assert info.prefix_caching and info.prefix_cache_tokens >= 16 and info.kv_cache_usage == 0
+    text = fetch(server.server.metrics_url)
+    queries, hits = (_metric(text, name) - old for name, old in zip(series, before))
+    assert queries == 2 * first.prompt_tokens and 0 < hits < first.prompt_tokens and hits % 16 == 0
+    assert "\nloraplex_prefix_cache_blocks " in text and "\nloraplex_prefix_cache_evictions_total " in text
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")

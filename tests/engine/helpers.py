@@ -12,6 +12,7 @@ from loraplex.server.engine.engine import GenerationRequest, LLMEngine, RequestO
 from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 from loraplex.server.model.sampling import SamplingParams
 from loraplex.server.train.greedy import greedy_decode
+from tests.engine.block_invariants import assert_block_invariants
 
 PROMPTS = [
     "Q: Where do fish live?\nA:",
@@ -81,10 +82,11 @@ class Collected:
 
 def make_engine(model_dir: Path, *, quantization: str = "none", max_device_adapters: int = 8,
                 max_host_adapters: int = 16, max_rank: int = 64, kv_tokens: int = 8192, block_size: int = 16,
-                scheduler=None, adapter_root: Path | None = None, adapter_dtype: str = "auto") -> LLMEngine:
+                scheduler=None, adapter_root: Path | None = None, adapter_dtype: str = "auto",
+                prefix_caching: bool = True) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(path=model_dir, quantization=quantization, dtype="float32", device="cpu"),
-        cache=CacheConfig(block_size=block_size, num_tokens=kv_tokens),
+        cache=CacheConfig(block_size=block_size, num_tokens=kv_tokens, prefix_caching=prefix_caching),
         adapters=AdapterConfig(max_rank=max_rank, max_device_adapters=max_device_adapters,
                                max_host_adapters=max_host_adapters, adapter_root=adapter_root,
                                dtype=adapter_dtype),
@@ -94,7 +96,7 @@ def make_engine(model_dir: Path, *, quantization: str = "none", max_device_adapt
 
 
 def submit(engine: LLMEngine, request_id: str, prompt: str | list[int], adapter: str | None = None,
-           max_new_tokens: int = 12, **sampling) -> Collected:
+           max_new_tokens: int = 12, cache_prompt: bool = True, **sampling) -> Collected:
     collected = Collected()
     ids = prompt if isinstance(prompt, list) else None
     request = GenerationRequest(
@@ -103,16 +105,19 @@ def submit(engine: LLMEngine, request_id: str, prompt: str | list[int], adapter:
         prompt_token_ids=tuple(ids) if ids is not None else None,
         adapter_id=adapter,
         sampling=SamplingParams(max_new_tokens=max_new_tokens, return_logprobs=True, **sampling),
+        cache_prompt=cache_prompt,
     )
     engine.add_request(request, collected.outputs.append)
     return collected
 
 
 def run_until_done(engine: LLMEngine, max_steps: int = 10_000) -> int:
+    """Step until idle, checking the block manager's invariants after every step."""
     steps = 0
     while engine.has_work():
         if engine.step() is None:
             engine.wait_for_work(0.01)
+        assert_block_invariants(engine.block_manager, [*engine.scheduler.running, *engine.scheduler.waiting])
         steps += 1
         assert steps < max_steps, "engine did not finish"
     return steps

@@ -143,19 +143,20 @@ def test_mixed_batch_on_an_nf4_base_matches_peft_on_the_same_4bit_base(demo_mode
 
 
 def test_requests_of_one_prefix_adapter_share_its_blocks(demo_model_dir, peft_adapters):
-    engine = make_engine(demo_model_dir, block_size=8)
+    engine = make_engine(demo_model_dir, block_size=8, prefix_caching=False)  # shared even without caching
     engine.register_adapter("prefix", str(peft_adapters["prefix-projection"]))  # 20 virtual tokens: 3 blocks
     first = submit(engine, "first", PROMPTS[0], adapter="prefix", max_new_tokens=MAX_NEW, ignore_eos=True)
+    engine.step()  # writes the prefix KV; the blocks are then in the cache
     second = submit(engine, "second", PROMPTS[0], adapter="prefix", max_new_tokens=MAX_NEW, ignore_eos=True)
     engine.step()
     bm = engine.block_manager
     seqs = [engine._sequences["first"], engine._sequences["second"]]
-    shared = seqs[0].shared_prefix.blocks
-    assert shared is seqs[1].shared_prefix.blocks and len(shared) == 3
-    assert all(seq.block_table[:3] == shared for seq in seqs)
-    assert all(bm.ref_count(block) == 3 for block in shared)  # the engine's reference plus one per request
+    shared = seqs[0].block_table[:3]
+    assert seqs[1].block_table[:3] == shared
+    assert all(bm.ref_count(block) == 2 for block in shared)
     own = {block for seq in seqs for block in seq.block_table[3:]}
     assert bm.num_used_blocks == len(shared) + len(own)  # the prefix is stored once
+    assert bm.num_cached_blocks == 3  # caching is off: the prompt's blocks are not kept
     run_until_done(engine)
     assert first.token_ids == second.token_ids
     engine.unregister_adapter("prefix")
@@ -191,21 +192,70 @@ def test_adapters_made_by_loraplex_train_match_peft_alone_and_mixed(demo_model_d
         assert alone.token_ids == expected[(name, 0)][0], name
 
 
-def test_idle_prefix_blocks_are_released_when_requests_need_the_kv_cache(demo_model_dir, peft_adapters):
-    """An idle prefix adapter that still holds a device slot keeps its blocks cached, but gives them
-    back as soon as requests are waiting for KV blocks."""
+def test_idle_prefix_blocks_stay_cached_until_requests_need_the_kv_cache(demo_model_dir, peft_adapters):
+    """An idle prefix adapter's KV stays in the prefix cache, counted as free (an idle server reads 0),
+    and is evicted as soon as requests need its blocks."""
     engine = make_engine(demo_model_dir, block_size=8, kv_tokens=64)  # 8 blocks
     engine.register_adapter("prefix", str(peft_adapters["prefix-projection"]))  # 20 virtual tokens: 3 blocks
     first = submit(engine, "prefix-request", [5, 6, 7], adapter="prefix", max_new_tokens=4, ignore_eos=True)
     run_until_done(engine)
     bm = engine.block_manager
-    assert bm.num_used_blocks == 3  # cached for the adapter's next request while it holds a slot
-    # 48 prompt tokens + 8 new: 7 blocks, more than the 5 left beside the cached prefix
+    assert bm.num_cached_blocks == 3 and bm.num_free_blocks == engine.initial_free_blocks
+    assert engine.snapshot().kv_cache_usage == 0
+    # 48 prompt tokens + 8 new: 7 blocks, more than the 5 beside the cached prefix
     base = submit(engine, "base", list(range(10, 58)), max_new_tokens=8, ignore_eos=True)
     assert run_until_done(engine, max_steps=200) < 200
     assert base.final.finish_reason == "length" and len(base.token_ids) == 8
-    assert bm.num_free_blocks == engine.initial_free_blocks
+    assert bm.num_free_blocks == engine.initial_free_blocks and bm.num_evictions >= 2
     # the adapter still works: its prefix is written again on its next request
     again = submit(engine, "prefix-again", [5, 6, 7], adapter="prefix", max_new_tokens=4, ignore_eos=True)
     run_until_done(engine)
     assert again.final.finish_reason == "length" and again.token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_prefix_cache_hits_give_the_cold_and_peft_outputs_for_every_type(demo_model_dir, peft_adapters,
+                                                                          expected_llama, block_size):
+    """The base model, then every type in one batch, run one prompt three times: a shorter warm-up (which
+    must not hit the blocks other adapters computed for the same tokens), the prompt with a hit ending
+    mid-prompt, and the prompt with every block cached (with block size 1: all but its last token).
+    Tokens and logprobs stay those of peft, as for the cold runs."""
+    engine = make_engine(demo_model_dir, block_size=block_size, kv_tokens=4096,
+                         max_device_adapters=len(peft_adapters))
+    for name, path in peft_adapters.items():
+        engine.register_adapter(name, str(path))
+    prompt = engine.tokenizer.encode(PROMPTS[2])
+
+    def run(case, names, max_new_tokens=MAX_NEW, ids=prompt):
+        before = engine.snapshot().prefix_cache_hits
+        results = {name: submit(engine, f"{case}-{name}", list(ids), adapter=name, max_new_tokens=max_new_tokens,
+                                ignore_eos=True) for name in names}
+        run_until_done(engine)
+        after = engine.snapshot().prefix_cache_hits
+        return results, {name: after.get(name, 0) - before.get(name, 0) for name in names}
+
+    for names in ([None], list(peft_adapters)):
+        _, hits = run("warm", names, max_new_tokens=2, ids=prompt[:-6])
+        assert not any(hits.values()), hits  # the base model's blocks of the same tokens are not theirs
+        mid, hits = run("mid", names)
+        assert all(0 < n <= len(prompt) - 5 for n in hits.values()), hits
+        full, hits = run("full", names)
+        if block_size == 1:
+            assert all(n == len(prompt) - 1 for n in hits.values()), hits
+        for results in (mid, full):
+            _assert_match({(name, 2): collected for name, collected in results.items()}, expected_llama)
+    assert engine.snapshot().kv_cache_usage == 0 and engine.block_manager.num_cached_blocks > 0
+
+
+def test_a_re_registered_adapter_never_hits_its_predecessors_blocks(demo_model_dir, peft_adapters, expected_llama):
+    engine = make_engine(demo_model_dir, block_size=4)
+    engine.register_adapter("x", str(peft_adapters["lora"]))
+    submit(engine, "old", PROMPTS[2], adapter="x", max_new_tokens=MAX_NEW, ignore_eos=True)
+    run_until_done(engine)
+    engine.unregister_adapter("x")
+    engine.register_adapter("x", str(peft_adapters["dora"]))  # same id, other weights
+    new = submit(engine, "new", PROMPTS[2], adapter="x", max_new_tokens=MAX_NEW, ignore_eos=True)
+    run_until_done(engine)
+    snapshot = engine.snapshot()
+    assert snapshot.prefix_cache_hits["x"] == 0 and snapshot.prefix_cache_queries["x"] > 0
+    _assert_match({("dora", 2): new}, expected_llama)

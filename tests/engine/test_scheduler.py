@@ -15,9 +15,10 @@ import sys
 import pytest
 
 from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
-from loraplex.server.errors import InvalidArgument, ResourceExhausted
+from loraplex.server.errors import InvalidArgument
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
+from tests.engine.block_invariants import assert_block_invariants
 
 VOCAB = 997
 
@@ -34,7 +35,9 @@ def next_token(tokens: list[int], adapter: str | None) -> int:
 class Loop:
     """A fake engine: schedule → fake model → update → stop at max_new_tokens, checking invariants."""
 
-    def __init__(self, num_blocks: int = 256, block_size: int = 4, ready=None, **config) -> None:
+    def __init__(self, num_blocks: int = 256, block_size: int = 4, ready=None, cache_prompt: bool = True,
+                 **config) -> None:
+        self.cache_prompt = cache_prompt
         self.config = SchedulerConfig(**config)
         self.bm = BlockManager(num_blocks, block_size)
         self.sched = Scheduler(self.config, self.bm)
@@ -45,9 +48,15 @@ class Loop:
         self.outputs = []
         self.running_before: list[list[Sequence]] = []
 
-    def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0):
-        prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
-        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_tokens=virtual)
+    def submit(self, name: str, prompt_len: int, max_new: int, adapter: str | None = None, virtual: int = 0,
+               prompt: list[int] | None = None):
+        if prompt is None:
+            prompt = [(7 * len(name) + 13 * i + sum(map(ord, name))) % VOCAB for i in range(prompt_len)]
+        seq = Sequence(name, prompt, max_new_tokens=max_new, adapter_key=adapter, num_virtual_positions=virtual,
+                       cache_prompt=self.cache_prompt)
+        error = self.sched.check_admissible(seq.num_prompt_tokens, seq.max_new_tokens, virtual)
+        if error is not None:
+            raise error
         self.sched.add(seq)
         return seq
 
@@ -60,9 +69,12 @@ class Loop:
         self.running_before.append(before)
         self.ready_calls = []
         out = self.sched.schedule(self._ready)
+        self.bm.allocate_step(out.scheduled)
         self._check(out, before)
         sampled = self._run_model(out)
         self.sched.update(out, sampled)
+        for item in out.scheduled:
+            self.bm.cache_computed(item.seq)
         for item in out.scheduled:
             if item.samples and item.seq.num_output_tokens >= item.seq.max_new_tokens:
                 self.sched.finish(item.seq)
@@ -79,12 +91,13 @@ class Loop:
         for item in out.scheduled:  # a real step writes every new key/value before attending
             seq = item.seq
             for pos in item.positions:
-                self.cache[self.bm.slot(seq, pos)] = (seq.seq_id, pos, self._input(seq, pos))
+                assert self.bm.ref_count(seq.block_table[pos // self.bm.block_size]) == 1, "writes a shared block"
+                self.cache[slot(self.bm, seq, pos)] = self._content(seq, pos)
         sampled = {}
         for item in out.scheduled:
             seq = item.seq
             for pos in range(item.stop):  # attention reads the whole context through the block table
-                assert self.cache[self.bm.slot(seq, pos)] == (seq.seq_id, pos, self._input(seq, pos)), (
+                assert self.cache[slot(self.bm, seq, pos)] == self._content(seq, pos), (
                     f"KV of sequence {seq.request_id} position {pos} was overwritten or never written"
                 )
             if item.samples:
@@ -92,9 +105,9 @@ class Loop:
         return sampled
 
     @staticmethod
-    def _input(seq: Sequence, pos: int):
-        p = seq.num_virtual_tokens
-        return ("virtual", pos) if pos < p else seq.token_ids[pos - p]
+    def _content(seq: Sequence, pos: int):
+        """A position's KV is a function of the adapter and every position up to it."""
+        return seq.adapter_key, tuple(seq.position_keys(0, pos + 1))
 
     def _check(self, out, before: list[Sequence]) -> None:
         cfg, sched, bm = self.config, self.sched, self.bm
@@ -112,10 +125,8 @@ class Loop:
         assert len(self.ready_calls) == len(set(self.ready_calls)), "adapter_ready asked twice in a step"
         for item in out.scheduled:  # blocks cover exactly what is computed by the end of the step
             assert len(item.seq.block_table) >= bm.blocks_for(item.stop)
-        tables = [b for s in sched.running for b in s.block_table]
-        assert len(tables) == len(set(tables)), "two running sequences share a block"
         assert all(not s.block_table for s in sched.waiting)
-        assert bm.num_used_blocks == len(tables)
+        assert_block_invariants(bm, sched.running)
 
     def tokens(self) -> dict[str, list[int]]:
         return {s.request_id: list(s.output_token_ids) for s in self.seqs}
@@ -127,6 +138,10 @@ class Loop:
             for item in out.scheduled:
                 seen[item.seq.seq_id] = item.seq
         return list(seen.values())
+
+
+def slot(bm: BlockManager, seq: Sequence, position: int) -> int:
+    return seq.block_table[position // bm.block_size] * bm.block_size + position % bm.block_size
 
 
 def reference(workload) -> dict[str, list[int]]:
@@ -157,7 +172,7 @@ def test_sequence_tracks_tokens_and_positions():
     a.append_token(9)
     assert a.token_ids == [5, 6, 7, 9] and a.output_token_ids == [9] and a.prompt_token_ids == [5, 6, 7]
     assert (a.num_uncomputed_tokens, a.is_prefill, a.last_token_id) == (1, False, 9)
-    v = Sequence("v", [5, 6], max_new_tokens=1, num_virtual_tokens=3)
+    v = Sequence("v", [5, 6], max_new_tokens=1, num_virtual_positions=3)
     assert v.num_positions == 5
     assert v.token_ids_at(0, 5) == [5, 6] and v.token_ids_at(0, 3) == [] and v.token_ids_at(2, 4) == [5]
 
@@ -393,9 +408,9 @@ def test_decode_step_allocates_the_block_of_the_position_it_computes():
     loop.step()
     assert len(seq.block_table) == 1 and seq.num_computed_tokens == 4 and seq.num_tokens == 5
     out = loop.sched.schedule(loop.ready)
-    assert (out.scheduled[0].start, out.scheduled[0].num_new_tokens) == (4, 1)
+    assert (out.scheduled[0].start, out.scheduled[0].num_new_tokens, out.scheduled[0].num_new_blocks) == (4, 1, 1)
+    loop.bm.allocate_step(out.scheduled)
     assert len(seq.block_table) == 2
-    assert loop.bm.slot(seq, 4) == seq.block_table[1] * 4
 
 
 # ---- starvation -----------------------------------------------------------------------------------
@@ -419,8 +434,9 @@ def _bypasses(loop: Loop, head: Sequence, competes=lambda seq: True) -> int:
 
 
 def _block_starvation(max_bypass_steps: int):
+    # some arrivals' prompts are equal ("x1a", "x0b"): without the prefix cache they take blocks of their own
     loop = Loop(num_blocks=12, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                max_bypass_steps=max_bypass_steps)
+                max_bypass_steps=max_bypass_steps, cache_prompt=False)
     for i in range(3):
         loop.submit(f"warm{i}", 4, 6)
     loop.step()
@@ -591,21 +607,21 @@ def test_check_admissible_limits_and_messages():
     sched = Scheduler(SchedulerConfig(max_model_len=40), BlockManager(num_blocks=5, block_size=4))
     assert sched.check_admissible(10, 11) is None  # 20 positions, the last token never computed: 20 slots
     err = sched.check_admissible(10, 12)
-    assert isinstance(err, ResourceExhausted)
+    assert isinstance(err, InvalidArgument)  # retrying can never help: not RESOURCE_EXHAUSTED
     assert str(err).startswith("the request needs 21 KV slots (6 blocks of 4) but the whole KV cache has 5")
     err = sched.check_admissible(30, 11)
     assert isinstance(err, InvalidArgument)
     assert str(err) == "30 prompt tokens + max_new_tokens 11 = 41 exceeds the maximum sequence length 40"
     assert isinstance(sched.check_admissible(0, 5), InvalidArgument)
     assert "max_new_tokens must be >= 1" in str(sched.check_admissible(5, 0))
-    assert "+ 8 virtual" in str(sched.check_admissible(20, 20, num_virtual_tokens=8))
-    assert isinstance(sched.check_admissible(4, 10, num_virtual_tokens=8), ResourceExhausted)
+    assert "+ 8 virtual" in str(sched.check_admissible(20, 20, num_virtual_positions=8))
+    assert isinstance(sched.check_admissible(4, 10, num_virtual_positions=8), InvalidArgument)
 
 
 def test_a_sequence_that_exactly_fills_the_cache_runs_alone():
     loop = Loop(num_blocks=5, block_size=4, max_num_seqs=2, max_num_batched_tokens=8)
     big = loop.submit("big", 10, 11)
-    with pytest.raises(ResourceExhausted):
+    with pytest.raises(InvalidArgument, match="whole KV cache"):
         loop.submit("too-big", 10, 12)
     other = loop.submit("other", 6, 6)
     loop.run()
@@ -654,6 +670,79 @@ def test_block_manager_errors_surface_through_the_scheduler_bookkeeping():
     loop.bm.free_blocks(stolen)  # someone else freed a's block: finishing a is now a double free
     with pytest.raises(BlockAllocationError, match="double free"):
         loop.sched.finish(a)
+
+
+# ---- prefix cache -----------------------------------------------------------------------------------
+
+SYSTEM = [(31 * i + 5) % VOCAB for i in range(10)]
+
+
+def alone(prompt: list[int], max_new: int, adapter: str | None = None) -> list[int]:
+    loop = Loop(num_blocks=512, cache_prompt=False)
+    seq = loop.submit("alone", 0, max_new, adapter, prompt=prompt)
+    loop.run()
+    return seq.output_token_ids
+
+
+def test_a_later_request_takes_the_cached_leading_blocks_and_computes_the_rest():
+    loop = Loop(block_size=4)
+    first = loop.submit("first", 0, 3, prompt=SYSTEM + [1, 2])
+    loop.run()
+    second = loop.submit("second", 0, 3, prompt=SYSTEM + [3, 4, 5])  # 12 positions: blocks 0-3, 4-7 hit
+    [item] = loop.step().scheduled
+    assert (item.start, item.num_new_tokens, len(item.cached_blocks)) == (8, 5, 2)
+    assert first.status is SequenceStatus.FINISHED
+    third = loop.submit("third", 0, 3, prompt=SYSTEM + [1, 2], adapter="other#1")  # another adapter: no hit
+    assert loop.step().scheduled[-1].start == 0
+    loop.run()
+    assert second.output_token_ids == alone(SYSTEM + [3, 4, 5], 3)
+    assert third.output_token_ids == alone(SYSTEM + [1, 2], 3, "other#1")
+
+
+def test_a_fully_cached_prompt_computes_its_last_position():
+    loop = Loop(block_size=4)
+    loop.submit("warm", 0, 2, prompt=SYSTEM[:9] + [7, 7, 7])
+    loop.run()
+    seq = loop.submit("again", 0, 2, prompt=SYSTEM[:9])  # positions 0-7 hit, 8 is computed for the logits
+    [item] = loop.step().scheduled
+    assert (item.start, item.num_new_tokens, item.samples) == (8, 1, True)
+    loop.run()
+    assert seq.output_token_ids == alone(SYSTEM[:9], 2)
+
+
+def test_preempting_and_cancelling_sequences_that_share_blocks_frees_only_their_own():
+    # 10 blocks of 2: a and b share SYSTEM's 5 blocks; decoding grows them until b must be preempted
+    loop = Loop(num_blocks=10, block_size=2, max_num_seqs=4, max_num_batched_tokens=32)
+    a = loop.submit("a", 0, 8, prompt=SYSTEM + [1])
+    loop.step()
+    b = loop.submit("b", 0, 8, prompt=SYSTEM + [2])
+    c = loop.submit("c", 0, 8, prompt=SYSTEM + [3])
+    loop.step()
+    assert b.block_table[:5] == a.block_table[:5] == c.block_table[:5]
+    while not any(out.preempted for out in loop.outputs):
+        loop.step()
+    assert loop.outputs[-1].preempted == [c] and not c.block_table
+    assert a.status is b.status is SequenceStatus.RUNNING and a.block_table[:5] == b.block_table[:5]
+    loop.sched.abort(a.seq_id)  # a cancel while the others may still hold its prefix
+    assert_block_invariants(loop.bm, [*loop.sched.running, *loop.sched.waiting])
+    loop.run()
+    assert b.output_token_ids == alone(SYSTEM + [2], 8) and c.output_token_ids == alone(SYSTEM + [3], 8)
+    assert loop.bm.num_free_blocks == loop.bm.num_blocks and loop.bm.num_used_blocks == 0
+
+
+def test_cached_blocks_are_evicted_for_new_work_and_the_outputs_stay_exact():
+    loop = Loop(num_blocks=8, block_size=2, max_num_seqs=2)
+    prompts = [[(17 * k + i) % VOCAB for i in range(9)] for k in range(6)]
+    for k, prompt in enumerate(prompts):  # each fills most of the cache, then leaves its blocks cached
+        loop.submit(f"p{k}", 0, 4, prompt=prompt)
+        loop.run()
+    assert loop.bm.num_evictions > 0 and loop.bm.num_cached_blocks <= 8
+    again = loop.submit("again", 0, 4, prompt=prompts[-1])
+    [item] = loop.step().scheduled
+    assert item.start == 8  # the most recent prompt survived
+    loop.run()
+    assert again.output_token_ids == alone(prompts[-1], 4)
+    assert [s.output_token_ids for s in loop.seqs[:6]] == [alone(p, 4) for p in prompts]
 
 
 def test_scheduling_modules_do_not_import_torch():

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\"\x89\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"{\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xae\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\x8f\x03\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x10\n\x08max_rank\x18\x07 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x08 \x01(\r\x12\x19\n\x11max_host_adapters\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0b \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x0c \x01(\x01\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x17\n\x0fqueued_requests\x18\x0e \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x0f \x01(\r\x12\x17\n\x0f\x62\x61tch_invariant\x18\x10 \x01(\x08\x12\x16\n\x0eint8_threshold\x18\x11 \x01(\x02\"Z\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\xef\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tpeft_type\x18\x03 \x01(\t\x12\x10\n\x08max_rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x06 \x01(\r\x12(\n\x05state\x18\x07 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x19\n\x11quarantine_reason\x18\n \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\x9c\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_STATE_REGISTERED\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x1d\n\x19\x41\x44\x41PTER_STATE_QUARANTINED\x10\x04\x32\xf2\x01\n\tGenerator\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12K\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\x17.loraplex.v1.ServerInfo2\xd5\x02\n\x08\x41\x64\x61pters\x12L\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12\x62\n\x11UnregisterAdapter\x12%.loraplex.v1.UnregisterAdapterRequest\x1a&.loraplex.v1.UnregisterAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\"\xb5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x19\n\x0c\x63\x61\x63he_prompt\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x0f\n\r_cache_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"{\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xae\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xc4\x03\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x10\n\x08max_rank\x18\x07 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x08 \x01(\r\x12\x19\n\x11max_host_adapters\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0b \x01(\x04\x12\x16\n\x0ekv_cache_usage\x18\x0c \x01(\x01\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x17\n\x0fqueued_requests\x18\x0e \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x0f \x01(\r\x12\x17\n\x0f\x62\x61tch_invariant\x18\x10 \x01(\x08\x12\x16\n\x0eint8_threshold\x18\x11 \x01(\x02\x12\x16\n\x0eprefix_caching\x18\x12 \x01(\x08\x12\x1b\n\x13prefix_cache_tokens\x18\x13 \x01(\x04\"Z\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x12\x0f\n\x07preload\x18\x04 \x01(\x08\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x1b\n\x19UnregisterAdapterResponse\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\xef\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tpeft_type\x18\x03 \x01(\t\x12\x10\n\x08max_rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x06 \x01(\r\x12(\n\x05state\x18\x07 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x19\n\x11quarantine_reason\x18\n \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*\x9c\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_STATE_REGISTERED\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x1d\n\x19\x41\x44\x41PTER_STATE_QUARANTINED\x10\x04\x32\xf2\x01\n\tGenerator\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12K\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\x17.loraplex.v1.ServerInfo2\xd5\x02\n\x08\x41\x64\x61pters\x12L\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12\x62\n\x11UnregisterAdapter\x12%.loraplex.v1.UnregisterAdapterRequest\x1a&.loraplex.v1.UnregisterAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.loraplex_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1662
-  _globals['_FINISHREASON']._serialized_end=1780
-  _globals['_ADAPTERSTATE']._serialized_start=1783
-  _globals['_ADAPTERSTATE']._serialized_end=1939
+  _globals['_FINISHREASON']._serialized_start=1759
+  _globals['_FINISHREASON']._serialized_end=1877
+  _globals['_ADAPTERSTATE']._serialized_start=1880
+  _globals['_ADAPTERSTATE']._serialized_end=2036
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=309
-  _globals['_TOKENIDS']._serialized_start=311
-  _globals['_TOKENIDS']._serialized_end=334
-  _globals['_SAMPLINGPARAMS']._serialized_start=336
-  _globals['_SAMPLINGPARAMS']._serialized_end=459
-  _globals['_GENERATERESPONSE']._serialized_start=462
-  _globals['_GENERATERESPONSE']._serialized_end=636
-  _globals['_USAGE']._serialized_start=638
-  _globals['_USAGE']._serialized_end=695
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=697
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=719
-  _globals['_SERVERINFO']._serialized_start=722
-  _globals['_SERVERINFO']._serialized_end=1121
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1123
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1213
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1215
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1261
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1263
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1290
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1292
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1313
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1315
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1377
-  _globals['_GETADAPTERREQUEST']._serialized_start=1379
-  _globals['_GETADAPTERREQUEST']._serialized_end=1418
-  _globals['_ADAPTER']._serialized_start=1421
-  _globals['_ADAPTER']._serialized_end=1660
-  _globals['_GENERATOR']._serialized_start=1942
-  _globals['_GENERATOR']._serialized_end=2184
-  _globals['_ADAPTERS']._serialized_start=2187
-  _globals['_ADAPTERS']._serialized_end=2528
+  _globals['_GENERATEREQUEST']._serialized_end=353
+  _globals['_TOKENIDS']._serialized_start=355
+  _globals['_TOKENIDS']._serialized_end=378
+  _globals['_SAMPLINGPARAMS']._serialized_start=380
+  _globals['_SAMPLINGPARAMS']._serialized_end=503
+  _globals['_GENERATERESPONSE']._serialized_start=506
+  _globals['_GENERATERESPONSE']._serialized_end=680
+  _globals['_USAGE']._serialized_start=682
+  _globals['_USAGE']._serialized_end=739
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=741
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=763
+  _globals['_SERVERINFO']._serialized_start=766
+  _globals['_SERVERINFO']._serialized_end=1218
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1220
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1310
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1312
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1358
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1360
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1387
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1389
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1410
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1412
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1474
+  _globals['_GETADAPTERREQUEST']._serialized_start=1476
+  _globals['_GETADAPTERREQUEST']._serialized_end=1515
+  _globals['_ADAPTER']._serialized_start=1518
+  _globals['_ADAPTER']._serialized_end=1757
+  _globals['_GENERATOR']._serialized_start=2039
+  _globals['_GENERATOR']._serialized_end=2281
+  _globals['_ADAPTERS']._serialized_start=2284
+  _globals['_ADAPTERS']._serialized_end=2625
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ ADAPTER_STATE_DEVICE: AdapterState
 ADAPTER_STATE_QUARANTINED: AdapterState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "sampling", "max_new_tokens", "stop", "ignore_eos", "return_logprobs")
+    __slots__ = ("request_id", "adapter_id", "prompt", "prompt_token_ids", "sampling", "max_new_tokens", "stop", "ignore_eos", "return_logprobs", "cache_prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     prompt: str
@@ -51,7 +52,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     return_logprobs: bool
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ...) -> None: ...
+    cache_prompt: bool
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ..., cache_prompt: _Optional[bool] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -102,7 +104,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "architecture", "quantization", "dtype", "device", "max_context_tokens", "max_rank", "max_device_adapters", "max_host_adapters", "version", "kv_cache_tokens", "kv_cache_usage", "running_requests", "queued_requests", "max_queued_requests", "batch_invariant", "int8_threshold")
+    __slots__ = ("model", "architecture", "quantization", "dtype", "device", "max_context_tokens", "max_rank", "max_device_adapters", "max_host_adapters", "version", "kv_cache_tokens", "kv_cache_usage", "running_requests", "queued_requests", "max_queued_requests", "batch_invariant", "int8_threshold", "prefix_caching", "prefix_cache_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,8 @@ class ServerInfo(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     INT8_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     quantization: str
@@ -137,7 +141,9 @@ class ServerInfo(_message.Message):
     max_queued_requests: int
     batch_invariant: bool
     int8_threshold: float
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., int8_threshold: _Optional[float] = ...) -> None: ...
+    prefix_caching: bool
+    prefix_cache_tokens: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ..., version: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., batch_invariant: _Optional[bool] = ..., int8_threshold: _Optional[float] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "source", "pin", "preload")
