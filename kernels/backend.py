@@ -6,7 +6,7 @@ The model layer (server/adapters/lora.py, server/model/decoder.py) calls a `Back
   weight in its own layout), then ``Projection.__call__`` per step;
 - the LoRA op: ``prepare_pool`` once per stacked weight pool, ``begin_step`` once per step (whatever the
   backend derives from the step's ``LoRAMeta``), ``lora_apply`` per projection group;
-- the element-wise steps of a Llama-shaped decoder layer: ``add_rms_norm``, ``rope_store``, ``silu_mul``;
+- the element-wise steps of a Llama-shaped decoder layer: ``add_rms_norm``, ``rope_store``;
 
 and never branches on the platform itself. Backends:
 
@@ -150,10 +150,6 @@ class Backend:
         k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
         return q, k
-
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up, [T, width]."""
-        return F.silu(gate) * up
 
 
 def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTensors, meta: LoRAMeta,
