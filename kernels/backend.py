@@ -197,10 +197,12 @@ def select(device: torch.device | str, dtype: torch.dtype, pool_dtype: torch.dty
     CUDA: Triton; CPU float32: the C kernels where they build, else torch with oneDNN's packed weights;
     anything else: torch. $LORAPLEX_LORA_BACKEND forces the LoRA op of the chosen backend.
     """
-    from .cpu.backend import select_cpu
+    from .cpu.backend import select_cpu  # here: kernels/cpu/backend.py builds on this module
 
     device = devices.normalize(device)
     forced = forced_lora_op() or None
+    if forced == "native" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {dtype} on {device}")
     if device.type == "cuda":
         return TritonBackend(device, dtype, pool_dtype, forced)
     if device.type == "cpu":
