@@ -6,7 +6,7 @@ The model layer (server/adapters/lora.py, server/model/decoder.py) calls a `Back
   weight in its own layout), then ``Projection.__call__`` per step;
 - the LoRA op: ``prepare_pool`` once per stacked weight pool, ``begin_step`` once per step (whatever the
   backend derives from the step's ``LoRAMeta``), ``lora_apply`` per projection group;
-- the element-wise steps of a Llama-shaped decoder layer: ``add_rms_norm``, ``rope_store``, ``silu_mul``;
+- the element-wise steps of a Llama-shaped decoder layer: ``add_rms_norm``, ``rope_store``;
 
 and never branches on the platform itself. Backends:
 
@@ -151,10 +151,6 @@ class Backend:
         v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
         return q, k
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up, [T, width]."""
-        return F.silu(gate) * up
-
 
 def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTensors, meta: LoRAMeta,
                 v: torch.Tensor | None, plans: torch_ops.PlanCache | None) -> torch.Tensor:
@@ -201,10 +197,12 @@ def select(device: torch.device | str, dtype: torch.dtype, pool_dtype: torch.dty
     CUDA: Triton; CPU float32: the C kernels where they build, else torch with oneDNN's packed weights;
     anything else: torch. $LORAPLEX_LORA_BACKEND forces the LoRA op of the chosen backend.
     """
-    from .cpu.backend import select_cpu
+    from .cpu.backend import select_cpu  # here: kernels/cpu/backend.py builds on this module
 
     device = devices.normalize(device)
     forced = forced_lora_op() or None
+    if forced == "native" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {dtype} on {device}")
     if device.type == "cuda":
         return TritonBackend(device, dtype, pool_dtype, forced)
     if device.type == "cpu":

@@ -1,12 +1,12 @@
-"""The CPU float32 backends: with the C kernels of `native` where they build, else torch with oneDNN.
+"""The CPU float32 backends: with the C kernels of `native` where they build, else torch.
 
-`CPUBackend` keeps each fused group's weight only in the C GEMM's panel layout (`native.pack_weight`),
+Both keep each fused group's weight prepacked for oneDNN's GEMM (only in that layout). `CPUBackend`
 runs the LoRA op in C for steps whose segments are all at most ``NATIVE_MAX_SEGMENT`` tokens (decode:
 one matrix-vector product per adapter, read at memory bandwidth; prefill chunks) and through torch's
 matmul for longer ones (long prefills, where torch's GEMM is the better one), bfloat16 pools always in
-C (nothing else takes them with float32 activations), and the decoder's element-wise steps in C.
-`TorchCPUBackend` (no compiler) keeps the weights prepacked for oneDNN. docs/benchmarks.md has the
-measurements behind both choices.
+C (nothing else takes them with float32 activations), and two of the decoder's element-wise steps
+(residual add + RMSNorm, rotary + KV cache write) in C.
+docs/benchmarks.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -43,23 +43,6 @@ class OneDNNProjection(Projection):
         return self.weight.to_dense()
 
 
-class PanelProjection(Projection):
-    """A group weight in the C GEMM's panel layout only (`native.pack_weight`)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__(native.pack_weight(weight), bias)
-        self.out_features = weight.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return native.linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias, self.out_features)
-
-    def columns(self, x: torch.Tensor, offset: int, width: int) -> torch.Tensor:
-        return self(x)[:, offset : offset + width]
-
-    def dense(self) -> torch.Tensor:
-        return native.unpack_weight(self.weight, self.out_features)
-
-
 def _can_pack_onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -86,15 +69,12 @@ class CPUStep:
 
 
 class CPUBackend(TorchCPUBackend):
-    """CPU float32 with the C kernels built: panel GEMM, C LoRA, C element-wise steps."""
+    """CPU float32 with the C kernels built: C LoRA, C norm and rotary steps (oneDNN's GEMM, as without them)."""
 
     name = "cpu"
 
     def default_lora_op(self) -> str:
         return "native"
-
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Projection:
-        return PanelProjection(weight, bias)
 
     def prepare_pool(self, pool: LoRAPoolTensors) -> native.PreparedPool:
         return native.prepare_pool(pool.a, pool.b_t, pool.ranks, pool.scale, pool.out_total, pool.slice_offsets,
@@ -124,9 +104,6 @@ class CPUBackend(TorchCPUBackend):
                    slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native.rope_store(q, k, v, cos, sin, k_cache, v_cache, slots)
         return q, k
-
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return native.silu_mul(gate, up, torch.empty_like(gate))
 
 
 def select_cpu(dtype: torch.dtype, pool_dtype: torch.dtype | None, lora_op: str | None) -> Backend | None:

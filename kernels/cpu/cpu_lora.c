@@ -1,5 +1,5 @@
 /* CPU kernels for float32 serving (see native.py): LoRA shrink + expand fused per projection group
- * (below), the base projections' GEMM and decode attention (at the end of the file).
+ * (below), decode attention and the decoder layers' element-wise steps (at the end of the file).
  *
  * LoRA:
  *
@@ -59,28 +59,12 @@ static inline void prefetch_span(const void *p, int64_t bytes)
 
 typedef float vpanel __attribute__((vector_size(64)));
 #define PANEL 16
-#ifndef GEMM_PREFETCH
-#define GEMM_PREFETCH 8192 /* bytes ahead in a panel's stream */
-#endif
 
 static inline vpanel vload(const float *p)
 {
     vpanel v;
     memcpy(&v, p, sizeof v);
     return v;
-}
-
-/* the first n (<= PANEL) values of p, zeros after */
-static inline vpanel vload_n(const float *p, int n)
-{
-    vpanel v = {0};
-    memcpy(&v, p, sizeof(float) * (size_t)n);
-    return v;
-}
-
-static inline void vstore_n(float *p, vpanel v, int n)
-{
-    memcpy(p, &v, sizeof(float) * (size_t)n);
 }
 
 #define WT float
@@ -98,106 +82,6 @@ static inline void vstore_n(float *p, vpanel v, int n)
 #undef WT
 #undef LOADW
 #undef FN
-
-/* ------------------------------------------------------------------------------------------------
- * The base projections' GEMM, y[M, N] = x[M, K] @ W^T + bias, float32, for the fused groups of a
- * float32 CPU model (server/adapters/lora.py). W is kept in panels of PANEL output columns,
- *
- *     Wp[p][k][c] = W[p * PANEL + c][k]     P = ceil(N / PANEL) rounded up to even, zero beyond N
- *
- * so that one vector load gives PANEL columns' weights for one k. The x rows are copied once per call
- * into blocks of RB rows transposed ([K][RB], zero rows past M), and a register block of RB rows x
- * 2 panels (2 * RB vector accumulators) runs over k: per k, two weight loads and RB broadcasts feed
- * 2 * RB FMAs. Threads split the panel pairs; every row block of a pair reuses its weights from cache,
- * so W is read from memory once per call.
- *
- * Why: a decode step multiplies ~16 rows by every weight once; oneDNN's packed GEMM reached 6 GB/s
- * of weights there on the 2-core VM, this loop 9-17 GB/s (docs/benchmarks.md); for prefill-sized
- * M (hundreds of rows) it runs at 0.9-0.95 of oneDNN.
- * ------------------------------------------------------------------------------------------------ */
-/* RB rows (xt: [K][RB]) x panels w0, w1; stores rows [0, mm) of columns [0, n0) and [PANEL, PANEL + n1) */
-#define GEMM_BLOCK(RBN)                                                                                   \
-    static void gemm_block_##RBN(const float *xt, int64_t K, const float *w0, const float *w1,           \
-                                 const float *bias, float *y, int64_t ldy, int mm, int n0, int n1)        \
-    {                                                                                                     \
-        vpanel a0[RBN], a1[RBN];                                                                          \
-        for (int m = 0; m < RBN; m++) {                                                                   \
-            a0[m] = (vpanel){0};                                                                          \
-            a1[m] = (vpanel){0};                                                                          \
-        }                                                                                                 \
-        for (int64_t k = 0; k < K; k++) {                                                                 \
-            const vpanel wa = vload(w0 + k * PANEL), wb = vload(w1 + k * PANEL);                          \
-            __builtin_prefetch((const char *)(w0 + k * PANEL) + GEMM_PREFETCH, 0, 2);                     \
-            __builtin_prefetch((const char *)(w1 + k * PANEL) + GEMM_PREFETCH, 0, 2);                     \
-            const float *xk = xt + k * RBN;                                                               \
-            _Pragma("GCC unroll 16") for (int m = 0; m < RBN; m++)                                        \
-            {                                                                                             \
-                const float xv = xk[m];                                                                   \
-                a0[m] += xv * wa;                                                                         \
-                a1[m] += xv * wb;                                                                         \
-            }                                                                                             \
-        }                                                                                                 \
-        const vpanel b0 = bias ? vload_n(bias, n0) : (vpanel){0};                                         \
-        const vpanel b1 = bias && n1 ? vload_n(bias + PANEL, n1) : (vpanel){0};                           \
-        for (int m = 0; m < mm; m++) {                                                                    \
-            vstore_n(y + m * ldy, a0[m] + b0, n0);                                                        \
-            if (n1)                                                                                       \
-                vstore_n(y + m * ldy + PANEL, a1[m] + b1, n1);                                            \
-        }                                                                                                 \
-    }
-GEMM_BLOCK(8)
-GEMM_BLOCK(12)
-
-/* Returns 0, or -1 when the scratch could not be allocated (y untouched). */
-int loraplex_linear_f32(const float *x, int64_t ldx, const float *Wp, const float *bias, float *y, int64_t ldy,
-                        int64_t M, int64_t N, int64_t K, int num_threads)
-{
-    if (M <= 0 || N <= 0)
-        return 0;
-    /* 8-row blocks for decode-sized M (less padding), 12 for more rows (fewer weight re-reads) */
-    const int rb = M <= 16 ? 8 : 12;
-    const int64_t blocks = (M + rb - 1) / rb;
-    const int64_t pairs = ((N + PANEL - 1) / PANEL + 1) / 2;
-    float *xt = (float *)malloc(sizeof(float) * (size_t)(blocks * K * rb));
-    if (!xt)
-        return -1;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && (pairs > 1 || blocks > 1))
-    {
-        /* x into row blocks, transposed (every thread a share: serial, it cost 0.14 of a prefill GEMM
-         * at 2 threads) */
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            float *dst = xt + b * K * rb;
-            const int mm = M - b * rb < rb ? (int)(M - b * rb) : rb;
-            for (int m = 0; m < rb; m++) {
-                const float *src = x + (b * rb + m) * ldx;
-                if (m < mm)
-                    for (int64_t k = 0; k < K; k++)
-                        dst[k * rb + m] = src[k];
-                else
-                    for (int64_t k = 0; k < K; k++)
-                        dst[k * rb + m] = 0.f;
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t pp = 0; pp < pairs; pp++) {
-            const float *w0 = Wp + 2 * pp * K * PANEL, *w1 = w0 + K * PANEL;
-            const int64_t col = 2 * pp * PANEL;
-            const int n0 = N - col >= PANEL ? PANEL : (int)(N - col);
-            const int n1 = N - col - PANEL >= PANEL ? PANEL : (N - col - PANEL > 0 ? (int)(N - col - PANEL) : 0);
-            for (int64_t b = 0; b < blocks; b++) {
-                const int mm = M - b * rb < rb ? (int)(M - b * rb) : rb;
-                const float *bc = bias ? bias + col : NULL;
-                if (rb == 8)
-                    gemm_block_8(xt + b * K * rb, K, w0, w1, bc, y + b * rb * ldy + col, ldy, mm, n0, n1);
-                else
-                    gemm_block_12(xt + b * K * rb, K, w0, w1, bc, y + b * rb * ldy + col, ldy, mm, n0, n1);
-            }
-        }
-    }
-    free(xt);
-    return 0;
-}
 
 /* ------------------------------------------------------------------------------------------------
  * Decode attention over the paged KV cache (server/model/attention.py's DecodeBatch), float32: one query
@@ -280,13 +164,12 @@ int loraplex_decode_attention_f32(const float *q, const int64_t *q_rows, int64_t
 }
 
 /* ------------------------------------------------------------------------------------------------
- * The element-wise steps of a Llama-shaped decoder layer (server/model/decoder.py), float32, one call each
- * instead of the 4-10 torch operations they take there:
+ * The element-wise steps of a Llama-shaped decoder layer (the CPU backend's, for server/model/decoder.py),
+ * float32, one call each instead of the 4-10 torch operations they take there:
  *
  *   add_rms_norm   h[r] += d[r] (d may be NULL), then out[r] = w * (h[r] / sqrt(mean(h[r]^2) + eps))
  *   rope_store     q and k rotated in place, x*cos + rotate_half(x)*sin (rotate_half(x) = [-x2, x1]),
  *                  then k and v copied into their cache slots ([slots, KVH, D] caches)
- *   silu_mul       out[r] = silu(g[r]) * u[r]
  *
  * Rows are split over threads only when there are enough of them (prefill); a decode step's 16 rows
  * run on the calling thread.
@@ -350,48 +233,6 @@ int loraplex_rope_store_f32(float *q, int64_t q_row, int64_t q_head, int64_t H, 
                 memcpy(k_cache + (slots[t] * KVH + h) * D, kh, sizeof(float) * (size_t)D);
                 memcpy(v_cache + (slots[t] * KVH + h) * D, v + t * v_row + h * v_head, sizeof(float) * (size_t)D);
             }
-        }
-    }
-    return 0;
-}
-
-/* e^x for x <= 0 (below -87 clamped to e^-87, a normal float), within ~2 ulp: Cephes' expf
- * polynomial, written so that the loops around it vectorize (the C library's expf is a scalar call) */
-static inline float exp_nonpositive(float x)
-{
-    x = x > -87.f ? x : -87.f;
-    const int32_t ni = (int32_t)(x * 1.44269504088896341f + 127.5f) - 127; /* nearest (the sum is > 0) */
-    const float n = (float)ni;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.f;
-    const int32_t bits = (ni + 127) << 23; /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* silu(g) * u with e = e^-|g| in (0, 1]: g / (1 + e) for g >= 0, g·e / (1 + e) below (the same value).
- * Nothing overflows and no intermediate is subnormal (a subnormal result of g / (1 + e^88), computed
- * for every vector lane, would slow the loop down through microcode assists). */
-int loraplex_silu_mul_f32(const float *g, int64_t ldg, const float *u, int64_t ldu, float *out, int64_t ldo,
-                          int64_t rows, int64_t cols, int num_threads)
-{
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 2 * ROWS_PER_THREAD)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gr = g + r * ldg, *ur = u + r * ldu;
-        float *o = out + r * ldo;
-#pragma omp simd
-        for (int64_t c = 0; c < cols; c++) {
-            const float x = gr[c], a = x < 0.f ? x : -x;
-            const float e = a > -87.f ? exp_nonpositive(a) : 0.f; /* below: silu(x) is 0 in float */
-            o[c] = x * (x < 0.f ? e : 1.f) / (1.f + e) * ur[c];
         }
     }
     return 0;

@@ -2,11 +2,9 @@
 
 - `lora_apply` (CPU, float32 activations; float32 or bfloat16 weight pools) runs shrink and expand of
   a projection group in one call, per segment, without torch's per-matmul costs;
-- `linear` is the float32 base projections' GEMM on weights packed by `pack_weight` (panels of 16
-  output columns), the CPU backend's base projections (`backend.PanelProjection`);
 - `decode_attention` attends one query per sequence straight from the paged KV cache
   (server/model/attention.py);
-- `add_rms_norm`, `rope_store` and `silu_mul` are the element-wise steps of a Llama-shaped decoder
+- `add_rms_norm` and `rope_store` are element-wise steps of a Llama-shaped decoder
   layer (the CPU backend's, for server/model/decoder.py), one call each instead of several torch operations.
 
 See the C file for the loops and docs/benchmarks.md for the measurements.
@@ -78,9 +76,6 @@ _LORA_APPLY = [
 SIGNATURES = {
     "loraplex_lora_apply_f32": _LORA_APPLY,
     "loraplex_lora_apply_bf16": _LORA_APPLY,
-    "loraplex_linear_f32": [
-        ("x", _PTR), ("ldx", _I64), ("Wp", _PTR), ("bias", _PTR), ("y", _PTR), ("ldy", _I64),
-        ("M", _I64), ("N", _I64), ("K", _I64), ("num_threads", _INT)],
     "loraplex_decode_attention_f32": [
         ("q", _PTR), ("q_rows", _PTR), ("q_row_stride", _I64), ("q_head_stride", _I64),
         ("k_cache", _PTR), ("v_cache", _PTR), ("blocks", _PTR), ("blocks_per_seq", _I64), ("block_size", _I64),
@@ -95,9 +90,6 @@ SIGNATURES = {
         ("k_head", _I64), ("v", _PTR), ("v_row", _I64), ("v_head", _I64), ("KVH", _I64), ("D", _I64),
         ("cos", _PTR), ("sin", _PTR), ("cs_stride", _I64), ("k_cache", _PTR), ("v_cache", _PTR),
         ("slots", _PTR), ("T", _I64), ("num_threads", _INT)],
-    "loraplex_silu_mul_f32": [
-        ("g", _PTR), ("ldg", _I64), ("u", _PTR), ("ldu", _I64), ("out", _PTR), ("ldo", _I64),
-        ("rows", _I64), ("cols", _I64), ("num_threads", _INT)],
 }
 
 
@@ -173,7 +165,7 @@ def _require() -> None:
 
 
 def takes_float32(*tensors: torch.Tensor) -> bool:
-    """Whether the float32 kernels (`linear`, `decode_attention`) serve these tensors: float32 on CPU,
+    """Whether the float32 kernels (`decode_attention`) serve these tensors: float32 on CPU,
     and the library builds."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
@@ -188,51 +180,6 @@ def _float32_cpu(where: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
             raise ValueError(f"{where} takes float32 CPU tensors with unit stride along the last dimension ({name})")
-
-
-# ------------------------------------------------------------------ base projections (GEMM)
-PANEL = 16  # as cpu_lora.c
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 CPU weight [N, K] in the kernel's panel layout [P, K, PANEL]: panel p holds output
-    columns [p·PANEL, (p+1)·PANEL), P = ceil(N / PANEL) rounded up to even, zeros past N."""
-    check_tensor("weight", weight, 2, (torch.float32,))
-    n, k = weight.shape
-    panels = -(-n // PANEL)
-    panels += panels % 2
-    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype)
-    padded[:n].copy_(weight)
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
-
-
-def unpack_weight(panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    """`pack_weight`'s inverse: the weight [out_features, K] (a copy)."""
-    count, k, width = panels.shape
-    return panels.transpose(1, 2).reshape(count * width, k)[:out_features].clone()
-
-
-def linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ Wᵀ + bias for a weight packed by `pack_weight` (float32, CPU); returns [M, out_features].
-
-    x needs unit stride along K; `out` (contiguous [M, out_features]) is written when given.
-    """
-    _require()
-    m, k = x.shape
-    _float32_cpu("linear", x=x)
-    if panels.shape[1] != k or panels.shape[0] * PANEL < out_features or not panels.is_contiguous():
-        raise ValueError(f"packed weight {tuple(panels.shape)} does not fit x [{m}, {k}] -> {out_features}")
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() < out_features):
-        raise ValueError(f"bias must be a contiguous float32 vector of {out_features} values")
-    if out is None:
-        out = torch.empty(m, out_features, dtype=torch.float32)
-    status = _library.loraplex_linear_f32(x.data_ptr(), x.stride(0), panels.data_ptr(),
-                                          None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
-                                          m, out_features, k, torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("the CPU GEMM could not allocate its scratch memory")
-    return out
 
 
 # ------------------------------------------------------------------ decode attention
@@ -435,16 +382,3 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
                                      k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), kv_heads, dim,
                                      cos.data_ptr(), sin.data_ptr(), cos.stride(0), k_cache.data_ptr(),
                                      v_cache.data_ptr(), slots.data_ptr(), T, torch.get_num_threads())
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = silu(gate) * up, [rows, width] float32 CPU (any row strides). Returns out."""
-    _require()
-    rows, cols = gate.shape
-    for name, t in (("gate", gate), ("up", up), ("out", out)):
-        _rows("silu_mul", name, t, cols)
-        if t.shape[0] != rows:
-            raise ValueError(f"gate has {rows} rows, {name} {t.shape[0]}")
-    _library.loraplex_silu_mul_f32(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(),
-                                   out.stride(0), rows, cols, torch.get_num_threads())
-    return out

@@ -12,8 +12,8 @@ three transposed views that are put back together for the cache.
 
 Why: that glue and the small operations of the norms, the rotary embedding, the cache writes and the
 MLP's activation are a large part of a small decode step (docs/benchmarks.md). Those element-wise steps
-are the kernel backend's (`kernels/backend.py`: `add_rms_norm`, `rope_store`, `silu_mul`; torch's
-formulas, or one fused kernel each where the platform has one).
+are the kernel backend's (`kernels/backend.py`: `add_rms_norm`, `rope_store`; torch's formulas, or one
+fused kernel each where the platform has one).
 
 `DecoderForward.create(model, backend)` returns None for anything it does not recognise (other model classes,
 or modules that are not the standard ones), and the runner keeps the transformers forward.
@@ -34,7 +34,7 @@ _MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
 class _Layer:
-    __slots__ = ("attn", "index", "q", "k", "v", "o", "gate", "up", "down", "act", "silu", "norm1", "norm2", "q_norm",
+    __slots__ = ("attn", "index", "q", "k", "v", "o", "gate", "up", "down", "act", "norm1", "norm2", "q_norm",
                  "k_norm", "heads", "kv_heads", "head_dim", "scaling", "window")
 
     def __init__(self, layer: nn.Module):
@@ -43,7 +43,6 @@ class _Layer:
         self.index = attn.layer_idx
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        self.silu = type(self.act).__name__ in ("SiLU", "SiLUActivation")
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim = attn.head_dim
@@ -108,7 +107,7 @@ class DecoderForward:
                                    v.transpose(0, 1)[None], meta, layer.scaling, layer.window)
             h, x = ops.add_rms_norm(h, layer.o(out.view(T, -1)), layer.norm2)
             gate, up = layer.gate(x), layer.up(x)
-            delta = layer.down(ops.silu_mul(gate, up) if layer.silu else layer.act(gate) * up)
+            delta = layer.down(layer.act(gate) * up)
         h.add_(delta)
         return self.lm_head(self.norm(h.index_select(0, keep_index)))
 
