@@ -9,7 +9,7 @@ padding) and an index j >= hi has position j - (hi - lo) (else j). For every que
 h // group:
 
     out[qs[s] + i, h] = softmax_j(scale · q[qs[s] + i, h] · k[slot(j), h // group]) @ v[slot(j), h // group]
-        over the visible j <= c whose position is > position(c) - window (window 0: all)
+        over the visible j <= c whose position is > position(c) - window (no window: all)
 
 (float32 accumulation, online softmax). Blocks shared by several sequences (a prefix-tuning prefix)
 are just entries of their block tables.
@@ -38,8 +38,8 @@ from .utils import check_launch_device, for_current_mode, next_pow2
 from . import attention_configs
 
 LOG2E = 1.4426950408889634
-# Most programs one decoding sequence's keys are split over: each split adds a partial [rows, head_dim]
-# float32 result to merge, and below ~1k keys per split the merge costs more than it saves.
+# Most programs one decoding sequence's keys are split over: each split writes a partial [rows, head_dim]
+# float32 result that the merge kernel reads back.
 MAX_SPLITS = 16
 
 
