@@ -66,7 +66,8 @@ class LoRAMeta:
         self.host = torch.empty(self.table_numel, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._host_views = self._views(self.host)
         self.bind(torch.empty(self.table_numel, dtype=torch.int32, device=self.device))
-        self._own_table = self.table
+        self._sent: torch.cuda.Event | None = None
+        """Recorded after `update`'s copy from the pinned host tables."""
         self.host.copy_(self._initial())
         self.table.copy_(self.host)
         # fp32 scratch for shrink's output v, sliced per call by workspace(); 0 = none reserved.
@@ -148,6 +149,9 @@ class LoRAMeta:
         (one non-blocking copy). The arguments are ``build``'s."""
         self.build(token_slots, contiguous, block_m, check)
         self.table.copy_(self.host, non_blocking=True)
+        if self.host.is_pinned():
+            self._sent = torch.cuda.Event()
+            self._sent.record()
         return self
 
     def build(self, token_slots: torch.Tensor | Sequence[int], contiguous: bool = False,
@@ -162,6 +166,9 @@ class LoRAMeta:
             vectorized ops). Default: when token_slots is on the host (free: no device sync);
             slots already on a GPU are trusted.
         """
+        if self._sent is not None:  # the last update's copy still reads host: let it finish first
+            self._sent.synchronize()
+            self._sent = None
         slots_in = torch.as_tensor(token_slots)
         on_host = slots_in.device.type == "cpu"
         slots_in = slots_in.cpu()  # a caller's device tensor: the one read this costs is theirs
