@@ -388,11 +388,12 @@ def _causal_mask(query_len: int, context_len: int, window: int | None, device) -
     return mask
 
 
-def graph_safe(device: torch.device) -> bool:
-    """Whether decode attention may be captured in a CUDA graph: inputs of fixed shape (block tables
-    padded to the longest context) at a cost that does not grow with that padding. Not this torch
-    path: with fixed shapes it would gather every sequence's longest possible context in every layer."""
-    return False
+def graph_safe(backend: str) -> bool:
+    """Whether decode attention on `backend` may be captured in a CUDA graph: inputs of fixed shape
+    (block tables padded to the longest context) at a cost that does not grow with that padding. The
+    Triton kernel reads only each sequence's own blocks; the torch path would gather every sequence's
+    longest possible context in every layer."""
+    return backend == "triton"
 
 
 def register() -> None:

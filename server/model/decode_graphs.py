@@ -49,8 +49,11 @@ class DecodeGraphs:
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
         self.lora_meta = LoRAMeta.allocate(self.max_batch, runner.num_slots, runner.device, max_slices=3,
                                            max_rank=runner.config.adapters.max_rank)
+        self.paged = runner.attention_backend == "triton"
+        """The Triton kernel reads int32 block tables and lengths (`attention.PagedBatch`); the torch path
+        gathers through int64 ones (`attention.DecodeBatch`)."""
         b, blocks = self.max_batch, self.max_batch * self.max_blocks
-        self._bound = 8 * (7 * b + blocks + 16) + 4 * self.lora_meta.table_numel  # 8 arrays, each 8-byte aligned
+        self._bound = 8 * (8 * b + blocks + 24) + 4 * self.lora_meta.table_numel  # 10 arrays, each 8-byte aligned
         self.buffers = StepBuffers(runner.device, self._bound)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._stage([], self.max_batch)  # fixes the device views every graph reads
@@ -87,11 +90,13 @@ class DecodeGraphs:
         self.token_ids = buffers.put(token_ids).view(1, -1)
         self.positions = buffers.put(positions).view(1, -1)
         self.slot_mapping = buffers.put(slots)
-        self.lengths = buffers.put(lengths)
+        index = torch.int32 if self.paged else torch.int64
+        self.lengths = buffers.put(lengths, index)
         self.keep = buffers.put(keep)
         self.lora_rows = buffers.put(lora_rows)
         self.rows = buffers.put(list(range(n)))
-        self.tables = buffers.put(tables)
+        self.tables = buffers.put(tables, index)
+        self.query_start = buffers.put(list(range(n + 1)), torch.int32)  # one query row per sequence
         table = buffers.put(self.lora_meta.host, torch.int32)
         if table.data_ptr() != self.lora_meta.table.data_ptr():
             self.lora_meta.bind(table)
@@ -100,11 +105,18 @@ class DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         """Float32 logits [size, vocab] of the staged step, rows in input order then padding."""
         runner = self.runner
-        decode = attention.DecodeBatch(rows=self.rows[:size], row_range=(0, size),
-                                       blocks=self.tables[: size * self.max_blocks], blocks_per_seq=self.max_blocks,
-                                       lengths=self.lengths[:size], uniform=False)
-        meta = attention.AttentionMeta(cache=runner.kv_cache, slot_mapping=self.slot_mapping[:size], spans=[],
-                                       decode=decode)
+        tables = self.tables[: size * self.max_blocks]
+        if self.paged:
+            paged = attention.PagedBatch(block_tables=tables.view(size, self.max_blocks),
+                                         query_start=self.query_start[: size + 1], kv_lens=self.lengths[:size],
+                                         max_query_len=1)
+            meta = attention.AttentionMeta(cache=runner.kv_cache, slot_mapping=self.slot_mapping[:size], spans=[],
+                                           backend="triton", paged=paged)
+        else:
+            decode = attention.DecodeBatch(rows=self.rows[:size], row_range=(0, size), blocks=tables,
+                                           blocks_per_seq=self.max_blocks, lengths=self.lengths[:size], uniform=False)
+            meta = attention.AttentionMeta(cache=runner.kv_cache, slot_mapping=self.slot_mapping[:size], spans=[],
+                                           decode=decode)
         runner.lora_context.begin(self.lora_meta, self.lora_rows[:size], ALL_KINDS)
         try:
             return runner.decoder(self.positions[:, :size], self.keep[:size], meta,

@@ -270,7 +270,7 @@ class ModelRunner:
         backend is not graph-safe (`attention.graph_safe`)."""
         if self.config.enforce_eager or self.device.type != "cuda" or self.decoder is None:
             return
-        if not attention.graph_safe(self.device):
+        if not attention.graph_safe(self.attention_backend):
             log.info("decode steps run eagerly: the attention backend cannot be captured in a CUDA graph")
             return
         graphs = DecodeGraphs(self, max_seqs)

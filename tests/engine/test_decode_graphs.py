@@ -49,6 +49,41 @@ def test_static_decode_step_equals_the_ordinary_step(demo_model_dir, tmp_path):
     assert 3 in batches and 1 in batches  # padded to 4, and a batch of its own size
 
 
+def test_static_decode_step_through_the_triton_kernels_equals_the_ordinary_step(demo_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """The layout CUDA captures by default: Triton paged attention over the padded int32 tables and
+    Triton LoRA kernels (interpreted), block_size 4 so contexts end mid-block."""
+    from loraplex.server.model import attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    assert attention.graph_safe("triton") and not attention.graph_safe("torch")
+    lora = make_lora_adapter(demo_model_dir, tmp_path / "lora", seed=7, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj"])
+    engine = make_engine(demo_model_dir, block_size=4)
+    engine.register_adapter("lora", str(lora))
+    graphs = DecodeGraphs(engine.runner, max_seqs=4)
+    assert graphs.paged
+    ordinary = engine.runner.execute
+    compared = []
+
+    def both(inputs):
+        if not graphs.takes(inputs):
+            return ordinary(inputs)
+        static = graphs.run(inputs).clone()
+        logits = ordinary(inputs)
+        torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
+        compared.append(len(inputs))
+        return logits
+
+    engine.runner.execute = both
+    submit(engine, "base", PROMPTS[0], max_new_tokens=3)
+    submit(engine, "lora", PROMPTS[1], adapter="lora", max_new_tokens=3)
+    run_until_done(engine)
+    assert 2 in compared  # padded to its bucket of 2
+
+
 def test_enforce_eager_flag_reaches_the_engine_config(demo_model_dir):
     from loraplex.server.api.cli import config_from_args
     from loraplex.server.cli import build_parser
