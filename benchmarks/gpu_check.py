@@ -26,7 +26,9 @@ first; each is independent (a failure is recorded with its traceback and the nex
              memory of a 2,048-token prefill.
 5. decode    Decode step time at batch 64 (64 requests, each its own rank-16 LoRA adapter) against the
              bandwidth floor (base weights + each distinct adapter's bytes once / measured copy
-             bandwidth), kernel launches per step and the GPU-busy fraction of a step.
+             bandwidth; target <= DECODE_FLOOR_TARGET), whether decode ran as captured CUDA graphs, the same
+             batch's decode throughput with 8 distinct adapters over the base model's (target >=
+             MIXED_OVER_BASE_TARGET), kernel launches per step and the GPU-busy fraction of a step.
 6. load      Host -> device adapter load time (host tier -> device slot: pinned, already in the
              serving dtype, copied on the runner's copy stream) against the PCIe floor (adapter bytes /
              measured pinned host-to-device bandwidth; target <= 2x), and the host time until
@@ -68,6 +70,8 @@ FLOAT32_LOGPROB_TOL = 1e-3
 NEEDS_CUDA = "skipped: needs CUDA"
 # Paged attention at 4k contexts must read its K/V at this fraction of measured copy bandwidth or more.
 ATTENTION_TARGET = 0.7
+DECODE_FLOOR_TARGET = 1.3  # decode step at batch 64, 64 distinct adapters: at most this times the bandwidth floor
+MIXED_OVER_BASE_TARGET = 0.85  # decode throughput with 8 distinct adapters over the base model's, same batch
 
 
 @dataclass(frozen=True)
@@ -464,25 +468,39 @@ def section_decode(ctx: Context) -> dict:
     gen = torch.Generator().manual_seed(3)
     requests = {f"r{i}": (torch.randint(3, engine.runner.vocab_size, (32,), generator=gen).tolist(), f"a{i}")
                 for i in range(s.decode_batch)}
-    step_times: list[float] = []
+    new_tokens = 16 if not ctx.smoke else 4
 
-    def timed(stats, started):
-        ctx.sync()
-        if stats.num_tokens == s.decode_batch and stats.num_sequences == s.decode_batch:  # a pure decode step
-            step_times.append(time.perf_counter() - started)
+    def decode_median(batch: dict) -> tuple[float, int]:
+        """Median time of the pure decode steps (every sequence one token) of `batch`, and their count."""
+        times: list[float] = []
 
-    generate(engine, requests, 16 if not ctx.smoke else 4, on_step=timed)
+        def timed(stats, started):
+            ctx.sync()
+            if stats.num_tokens == s.decode_batch and stats.num_sequences == s.decode_batch:
+                times.append(time.perf_counter() - started)
+
+        generate(engine, batch, new_tokens, on_step=timed)
+        return (statistics.median(times) if times else float("nan")), len(times)
+
+    median, timed_steps = decode_median(requests)
+    # the same batch on the base model, and with 8 distinct adapters (the throughput target's mix)
+    base_median, _ = decode_median({rid: (prompt, None) for rid, (prompt, _) in requests.items()})
+    mixed8 = {rid: (prompt, f"a{i % 8}") for i, (rid, (prompt, _)) in enumerate(requests.items())}
+    mixed8_median, _ = decode_median(mixed8)
     base_bytes = weight_bytes(engine.runner)
     weights = [engine.get_adapter(f"a{i}") for i in range(s.decode_batch)]
     element = torch.finfo(getattr(torch, ctx.dtype)).bits // 8
     adapters_bytes = sum(info.size_bytes // 4 * element for info in weights)  # host copies are float32
     bandwidth = copy_bandwidth(ctx)
     floor = (base_bytes + adapters_bytes) / bandwidth
-    median = statistics.median(step_times) if step_times else float("nan")
-    result = dict(ok=bool(step_times), batch=s.decode_batch, distinct_adapters=s.decode_batch,
-                  decode_steps_timed=len(step_times), step_s_median=median,
+    result = dict(ok=bool(timed_steps), batch=s.decode_batch, distinct_adapters=s.decode_batch,
+                  decode_graphs=engine.runner.decode_graphs is not None,
+                  decode_steps_timed=timed_steps, step_s_median=median,
                   base_bytes=base_bytes, adapter_bytes=adapters_bytes, copy_bandwidth_gb_s=bandwidth / 1e9,
-                  floor_s=floor, floor_over_step=floor / median if step_times else None)
+                  floor_s=floor, step_over_floor=median / floor, step_over_floor_target=DECODE_FLOOR_TARGET,
+                  base_step_s_median=base_median, mixed8_step_s_median=mixed8_median,
+                  mixed8_over_base_throughput=base_median / mixed8_median,
+                  mixed8_over_base_target=MIXED_OVER_BASE_TARGET)
     result.update(profile_step(ctx, engine, requests))
     if not ctx.cuda:  # the profiler ran, but a CPU step launches no kernels
         result.update(kernel_launches_per_step=NEEDS_CUDA, copies_per_step=NEEDS_CUDA, gpu_busy_fraction=NEEDS_CUDA)

@@ -274,8 +274,13 @@ class ModelRunner:
             log.info("decode steps run eagerly: the attention backend cannot be captured in a CUDA graph")
             return
         graphs = DecodeGraphs(self, max_seqs)
-        with torch.inference_mode():
-            graphs.capture()
+        try:
+            with torch.inference_mode():
+                graphs.capture()
+        except Exception:  # serving eagerly beats not serving; the log says why decode is slower
+            log.exception("capturing the decode CUDA graphs failed: decode steps run eagerly")
+            torch.cuda.synchronize(self.device)
+            return
         self.decode_graphs = graphs
 
     def _bound(self, inputs: list[StepInput]) -> int:

@@ -64,6 +64,8 @@ def test_smoke_runs_every_section(gpu_check, monkeypatch, tmp_path):
     decode = sections["decode"]
     assert decode["decode_steps_timed"] > 0 and decode["step_s_median"] > 0 and decode["floor_s"] > 0
     assert decode["base_bytes"] > 0 and decode["adapter_bytes"] > 0
+    assert decode["base_step_s_median"] > 0 and decode["mixed8_over_base_throughput"] > 0
+    assert decode["decode_graphs"] is False  # CPU: every step eager
     assert decode["kernel_launches_per_step"] == NEEDS_CUDA and decode["gpu_busy_fraction"] == NEEDS_CUDA
     assert decode["profiled_step_s"] > 0  # the profiled decode step ran
     assert sections["load"]["load_s_median"] > 0 and sections["load"]["pcie_gb_s"] == NEEDS_CUDA
