@@ -185,7 +185,7 @@ def apply_temperature_top_k_top_p(
     active_k = [0 < k < vocab for k in top_ks]
     if any(active_k):
         k = torch.tensor([k if a else 1 for k, a in zip(top_ks, active_k)], device=device)
-        top = torch.topk(scores, int(k.max())).values
+        top = torch.topk(scores, max(k if a else 1 for k, a in zip(top_ks, active_k))).values  # host max: no sync
         kth = top.gather(1, (k - 1)[:, None])
         kth = torch.where(torch.tensor(active_k, device=device)[:, None], kth, -math.inf)
         scores = scores.masked_fill(scores < kth, -math.inf)  # ties with the k-th all stay, as in HF
@@ -263,8 +263,9 @@ class Sampler:
 
             chosen = logits.gather(1, tokens[:, None]).squeeze(1)
             logprobs = chosen.float() - torch.logsumexp(logits.float(), dim=-1)
-            # one transfer for the whole step: .tolist() on a CUDA tensor synchronises once
-            return tokens.tolist(), logprobs.tolist()
+            # one transfer (one synchronisation) for the whole step: token ids are exact in float64
+            both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
+            return [int(token) for token in both[0]], both[1]
         except BaseException:
             for generator, state in reversed(drawn):
                 generator.set_state(state)
