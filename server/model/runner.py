@@ -260,7 +260,7 @@ class ModelRunner:
         table = self.buffers.put(meta.host, torch.int32)
         if table.data_ptr() != meta.table.data_ptr():
             meta.bind(table)
-            # a new list: what is cached on the old one (native.meta_args) holds the old tables' addresses
+            # a new list: what a backend cached for the old one holds the old tables' addresses
             meta.segments = None if meta.segments is None else list(meta.segments)
         return meta
 
