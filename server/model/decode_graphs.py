@@ -53,7 +53,10 @@ class DecodeGraphs:
         """The Triton kernel reads int32 block tables and lengths (`attention.PagedBatch`); the torch path
         gathers through int64 ones (`attention.DecodeBatch`)."""
         b, blocks = self.max_batch, self.max_batch * self.max_blocks
-        self._bound = 8 * (8 * b + blocks + 24) + 4 * self.lora_meta.table_numel  # 10 arrays, each 8-byte aligned
+        self._bound = 8 * (7 * b + blocks + 16) + 4 * self.lora_meta.table_numel  # 8 arrays, each 8-byte aligned
+        # constant across steps, so outside the step buffer: one query row per sequence, rows in order
+        self.query_start = torch.arange(b + 1, dtype=torch.int32, device=runner.device)
+        self.rows = torch.arange(b, device=runner.device)
         self.buffers = StepBuffers(runner.device, self._bound)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._stage([], self.max_batch)  # fixes the device views every graph reads
@@ -94,9 +97,7 @@ class DecodeGraphs:
         self.lengths = buffers.put(lengths, index)
         self.keep = buffers.put(keep)
         self.lora_rows = buffers.put(lora_rows)
-        self.rows = buffers.put(list(range(n)))
         self.tables = buffers.put(tables, index)
-        self.query_start = buffers.put(list(range(n + 1)), torch.int32)  # one query row per sequence
         table = buffers.put(self.lora_meta.host, torch.int32)
         if table.data_ptr() != self.lora_meta.table.data_ptr():
             self.lora_meta.bind(table)

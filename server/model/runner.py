@@ -335,25 +335,21 @@ class ModelRunner:
             token_ids.extend([0] * num_virtual)  # placeholders, replaced by the embeddings
             token_ids.extend(item.token_ids)
             end = item.start + n
-            if item.skip is None:
-                slot_mapping.extend(self.kv_slots(item.block_table, item.start, end))
-                positions.extend(range(item.start, end))
-                if triton:  # the kernel reads every context through its block table
-                    continue
-                if n == 1 and not num_virtual:
-                    decoding.append((row, item))
-                elif item.start == 0:  # a fresh prefill: its context is its own tokens
-                    fresh.append((row, n))
-                else:
-                    spans.append((row, n, self.kv_slots(item.block_table, 0, end)))
-                continue
-            low, high = item.skip
             slot_mapping.extend(self.kv_slots(item.block_table, item.start, end))
-            shift = high - low
+            shift = 0 if item.skip is None else item.skip[1] - item.skip[0]  # hidden prefix padding
             positions.extend(range(item.start - shift, end - shift))
-            if not triton:
+            if triton:  # the kernel reads every context through its block table
+                continue
+            if item.skip is not None:
+                low, high = item.skip
                 context = self.kv_slots(item.block_table, 0, end)
                 spans.append((row, n, context[:low] + context[high:]))
+            elif n == 1 and not num_virtual:
+                decoding.append((row, item))
+            elif item.start == 0:  # a fresh prefill: its context is its own tokens
+                fresh.append((row, n))
+            else:
+                spans.append((row, n, self.kv_slots(item.block_table, 0, end)))
 
         buffers = self.buffers
         buffers.begin(self._bound(inputs))
