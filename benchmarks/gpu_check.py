@@ -489,8 +489,7 @@ def section_decode(ctx: Context) -> dict:
     mixed8_median, _ = decode_median(mixed8)
     base_bytes = weight_bytes(engine.runner)
     weights = [engine.get_adapter(f"a{i}") for i in range(s.decode_batch)]
-    element = torch.finfo(getattr(torch, ctx.dtype)).bits // 8
-    adapters_bytes = sum(info.size_bytes // 4 * element for info in weights)  # host copies are float32
+    adapters_bytes = sum(info.size_bytes for info in weights)  # the host tier is in the serving dtype
     bandwidth = copy_bandwidth(ctx)
     floor = (base_bytes + adapters_bytes) / bandwidth
     result = dict(ok=bool(timed_steps), batch=s.decode_batch, distinct_adapters=s.decode_batch,
