@@ -5,6 +5,11 @@ of their gRPC status code (`NotFound`, `InvalidArgument`, ... all `LoraplexError
 and the generated `loraplex.v1` modules (no torch).
 """
 
+if __name__ != "loraplex.clients":  # imported by a bare name (checkout root on sys.path): refused
+    raise ImportError(
+        f"{__file__} is loraplex.clients, found as {__name__!r} because the checkout root is on sys.path", name=__name__
+    )
+
 from loraplex.clients.client import ADAPTER_HEADER, DEFAULT_TARGET, AsyncClient, Client
 from loraplex.clients.errors import (
     AlreadyExists,

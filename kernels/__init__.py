@@ -6,20 +6,28 @@ See ``ops`` for the semantics, ``meta`` for the layout and ``backend`` for the p
 (``triton/``: the CUDA kernels; ``cpu/``: the C kernels). Triton is imported only when used.
 """
 
-from .backend import BACKEND_ENV, Backend, select
-from .meta import LoRAMeta
-from .ops import lora_apply, lora_expand, lora_shrink, select_backend
-from .reference import expand_reference, shrink_reference
+if __name__ == "loraplex.kernels":
+    from .backend import BACKEND_ENV, Backend, select
+    from .meta import LoRAMeta
+    from .ops import lora_apply, lora_expand, lora_shrink, select_backend
+    from .reference import expand_reference, shrink_reference
 
-__all__ = [
-    "BACKEND_ENV",
-    "Backend",
-    "LoRAMeta",
-    "expand_reference",
-    "lora_apply",
-    "lora_expand",
-    "lora_shrink",
-    "select",
-    "select_backend",
-    "shrink_reference",
-]
+    __all__ = [
+        "BACKEND_ENV",
+        "Backend",
+        "LoRAMeta",
+        "expand_reference",
+        "lora_apply",
+        "lora_expand",
+        "lora_shrink",
+        "select",
+        "select_backend",
+        "shrink_reference",
+    ]
+else:
+    # Found by the bare name `kernels` because the checkout root is on sys.path (`python -c` or a notebook
+    # started in the checkout). That name belongs to Hugging Face's `kernels` package, which transformers
+    # imports: hand it over, or refuse when it is not installed. Never this folder.
+    from ._bare_name import hand_over
+
+    hand_over(__name__, __file__)

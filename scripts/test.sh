@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 venv="${LORAPLEX_VENV:-.venv}"
-exec "$venv/bin/python" -m pytest "$@"
+# the pytest command, not `python -m pytest`: that would put the checkout root on sys.path
+exec "$venv/bin/pytest" "$@"

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from loraplex.clients import Client
 
+LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
+"""The installed `loraplex` command: unlike `python -m loraplex.server.cli` started in the checkout, it never puts
+the checkout root (and its folders, `kernels/` among them) on the server's sys.path."""
 LISTENING = re.compile(r"listening on (\S+) metrics on (\S+)(?: http on (\S+))?")
 
 
@@ -44,7 +47,7 @@ class ServerProcess:
 
 def start_server(model_dir: Path, *args: str, startup_timeout: float = 120.0) -> ServerProcess:
     """`loraplex serve --port 0 --metrics-port 0 ...`; returns once its health service reports SERVING."""
-    command = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model_dir),
+    command = [LORAPLEX, "serve", "--model", str(model_dir),
                "--port", "0", "--metrics-port", "0", "--device", "cpu", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

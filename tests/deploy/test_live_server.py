@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import urllib.request
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex import clients
+from tests.servers import LORAPLEX
 from tests.deploy.conftest import (alert_expressions, dashboard_queries, dockerfile_json, k8s_object, load_yaml,
                                    promql_metric_names)
 
@@ -58,11 +58,11 @@ def test_the_probes_of_deploy_find_the_server_serving(repo_server):
     # the image's HEALTHCHECK command, pointed at this server
     command = dockerfile_json("HEALTHCHECK")
     command[command.index("--server") + 1] = repo_server.address
-    result = subprocess.run([sys.executable, "-m", "loraplex.server.cli", *command[1:]], capture_output=True,
+    result = subprocess.run([LORAPLEX, *command[1:]], capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
     command[command.index("--server") + 1] = "127.0.0.1:1"  # nothing listens there
-    result = subprocess.run([sys.executable, "-m", "loraplex.server.cli", *command[1:]], capture_output=True,
+    result = subprocess.run([LORAPLEX, *command[1:]], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stdout.startswith("UNAVAILABLE"), result.stdout + result.stderr
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 from loraplex.server.demo import cli as demo
+from tests.servers import LORAPLEX
 
 
 def test_demo_runs_to_completion_and_reuses_its_cache(tmp_path):
     cache = tmp_path / "cache"
-    command = [sys.executable, "-m", "loraplex.server.cli", "demo", "--cache-dir", str(cache), "--device", "cpu",
+    command = [LORAPLEX, "demo", "--cache-dir", str(cache), "--device", "cpu",
                "--pretrain-steps", "0", "--train-steps", "3", "--max-new-tokens", "6"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     out = result.stdout

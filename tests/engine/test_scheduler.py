@@ -745,9 +745,9 @@ def test_cached_blocks_are_evicted_for_new_work_and_the_outputs_stay_exact():
     assert [s.output_token_ids for s in loop.seqs[:6]] == [alone(p, 4) for p in prompts]
 
 
-def test_scheduling_modules_do_not_import_torch():
+def test_scheduling_modules_do_not_import_torch(tmp_path):
     code = (
         "import sys; import loraplex.server.engine.scheduler, loraplex.server.engine.block_manager, loraplex.server.engine.sequence; "
         "sys.exit('torch' in sys.modules)"
     )
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0  # not the checkout root
