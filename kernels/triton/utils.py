@@ -19,10 +19,35 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+def _index_scalars_on_older_interpreters() -> None:
+    """Let Triton 3.4-3.6's interpreter use a scalar kernel argument as a Python int with NumPy >= 2.4.
+
+    Those interpreters hold a scalar argument as a one-element array and turn it into an int (a loop bound:
+    ``range(0, (K + ...) // ...)``) with ``int(array)``, which NumPy 2.4 refuses for arrays of one dimension
+    ("only 0-dimensional arrays can be converted to Python scalars"). Triton 3.7 squeezes the array first;
+    this does the same on the older ones, once per process. Compiled kernels never come here.
+    """
+    from triton.runtime import interpreter
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7) or getattr(
+            interpreter._patch_lang_tensor, "_loraplex_squeezes", False):
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, *args):
+        patch(tensor, *args)
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+
+    patch_lang_tensor._loraplex_squeezes = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def for_current_mode(kernel):
     from triton.runtime.interpreter import InterpretedFunction
 
     want_interp = interpreting()
+    if want_interp:
+        _index_scalars_on_older_interpreters()
     if isinstance(kernel, InterpretedFunction) == want_interp:
         return kernel
     key = id(kernel)
