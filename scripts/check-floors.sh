@@ -35,18 +35,13 @@ accelerate, grpc, google.protobuf, fastapi, numpy, loraplex.server.cli, loraplex
     tail -20 "$log" >&2; verdict "the oldest admitted releases do not import: $summary"; exit 1
 fi
 # the suite, its tests imported as scripts/test.sh imports them
-"$venv/bin/pytest" "$@" > "$log.pytest" 2>&1
-status=$?
-result=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" "$log.pytest" | tail -1 | tr -d '=' | sed 's/^ *//; s/ in [0-9.]*s.*//')
-if [ "$status" -ne 0 ]; then
-    grep -E "^(FAILED|ERROR) " "$log.pytest" | head -20 >&2
+if ! result=$(bash scripts/run-suite.sh "$venv" "$log.pytest" "$@"); then
     verdict "FAILED on the oldest admitted releases ($result; log: $log.pytest): $summary"
     exit 1
 fi
 # the oldest Triton interprets the kernels (the CPU tests' path) with the newest NumPy too
-if ! { "$UV" pip install --quiet --python "$venv/bin/python" --upgrade numpy \
-       && "$venv/bin/pytest" -q tests/kernels; } > "$log.numpy" 2>&1; then
-    grep -E "^(FAILED|ERROR) " "$log.numpy" | head -20 >&2
+if ! { "$UV" pip install --quiet --python "$venv/bin/python" --upgrade numpy > "$log.numpy" 2>&1 \
+       && bash scripts/run-suite.sh "$venv" "$log.numpy" -q tests/kernels > /dev/null; }; then
     verdict "FAILED: tests/kernels with the newest NumPy on the oldest Triton (log: $log.numpy): $summary"
     exit 1
 fi

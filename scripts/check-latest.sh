@@ -15,11 +15,7 @@ rm -rf "$venv"
 if ! LORAPLEX_VENV="$venv" bash scripts/install.sh --latest > "$log" 2>&1; then
     tail -20 "$log" >&2; verdict "do not install (log: $log)"; exit 1
 fi
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-    lock=requirements/lock-cuda.txt
-else
-    lock=requirements/lock-cpu.txt
-fi
+lock=$(bash scripts/lock.sh)
 # the installed distributions whose versions differ from the lock's pins (markers evaluated here)
 differ=$("$venv/bin/python" - "$lock" <<'EOF'
 import importlib.metadata, re, sys
@@ -39,11 +35,7 @@ changes += [f"{name} {installed[name]} (not in the lock)" for name in sorted(ins
 print(", ".join(changes) or "none")
 EOF
 )
-"$venv/bin/pytest" "$@" > "$log.pytest" 2>&1
-status=$?
-result=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" "$log.pytest" | tail -1 | tr -d '=' | sed 's/^ *//; s/ in [0-9.]*s.*//')
-if [ "$status" -ne 0 ]; then
-    grep -E "^(FAILED|ERROR) " "$log.pytest" | head -20 >&2
+if ! result=$(bash scripts/run-suite.sh "$venv" "$log.pytest" "$@"); then
     first=$(grep -m1 -E "^(FAILED|ERROR) " "$log.pytest" | cut -d' ' -f2)
     verdict "FAILED (${result:-no summary}; first: ${first:-see $log.pytest}); versions differing from $lock: $differ"
     exit 1

@@ -37,12 +37,9 @@ fi
 # pip warns about unreadable entries of locally configured indexes; they are harmless
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-    lock=requirements/lock-cuda.txt gpu=1
-else
-    lock=requirements/lock-cpu.txt gpu=
-fi
-torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements/lock-cuda.txt | head -1)
+lock=$(bash scripts/lock.sh)
+gpu=$([ "$lock" = requirements/lock-cuda.txt ] && echo 1 || true)
+torch_version=$(bash scripts/lock.sh pin torch)
 installed_torch() { "$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true; }
 
 if [ -n "${LORAPLEX_TORCH:-}" ]; then
