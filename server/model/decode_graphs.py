@@ -21,7 +21,7 @@ import torch
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.model import attention
-from loraplex.server.model.step_buffers import StepBuffers
+from loraplex.server.model.step_buffers import StepAttachment, StepBuffers
 
 if TYPE_CHECKING:
     from loraplex.server.model.runner import ModelRunner, StepInput
@@ -61,13 +61,13 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._stage([], self.max_batch)  # fixes the device views every graph reads
 
-    def takes(self, inputs: list[StepInput]) -> bool:
+    def takes(self, inputs: list[StepInput], attach: StepAttachment | None = None) -> bool:
         """Whether `inputs` is a step these buffers run: plain decodes that all sample, few enough."""
         return 0 < len(inputs) <= self.max_batch and all(
             len(item.token_ids) == 1 and item.virtual_embeddings is None and item.skip is None and item.samples
             and len(item.block_table) <= self.max_blocks for item in inputs)
 
-    def _stage(self, inputs: list[StepInput], size: int) -> None:
+    def _stage(self, inputs: list[StepInput], size: int, attach: StepAttachment | None = None) -> None:
         """Write `inputs` padded to `size` rows into the fixed layout and send it (one copy)."""
         runner, n = self.runner, self.max_batch
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
@@ -89,7 +89,7 @@ class DecodeGraphs:
                 lora_rows[row] = item.slot
         self.lora_meta.build(token_slots, contiguous=True)
         buffers = self.buffers
-        buffers.begin(self._bound)
+        buffers.begin(self._bound + (0 if attach is None else attach.nbytes))
         self.token_ids = buffers.put(token_ids).view(1, -1)
         self.positions = buffers.put(positions).view(1, -1)
         self.slot_mapping = buffers.put(slots)
@@ -101,6 +101,8 @@ class DecodeGraphs:
         table = buffers.put(self.lora_meta.host, torch.int32)
         if table.data_ptr() != self.lora_meta.table.data_ptr():
             self.lora_meta.bind(table)
+        if attach is not None:
+            attach.put(buffers)
         buffers.send()
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -125,11 +127,11 @@ class DecodeGraphs:
         finally:
             runner.lora_context.end()
 
-    def run(self, inputs: list[StepInput]) -> torch.Tensor:
+    def run(self, inputs: list[StepInput], attach: StepAttachment | None = None) -> torch.Tensor:
         """Float32 logits [len(inputs), vocab] in input order: the captured graph of the batch's size
         replayed, or the same forward run eagerly where none was captured."""
         size = next(s for s in self.sizes if s >= len(inputs))
-        self._stage(inputs, size)
+        self._stage(inputs, size, attach)
         captured = self.graphs.get(size)
         if captured is None:
             return self._forward(size)[: len(inputs)]

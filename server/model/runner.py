@@ -28,7 +28,7 @@ from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
 from loraplex.server.model.decode_graphs import DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
-from loraplex.server.model.step_buffers import StepBuffers
+from loraplex.server.model.step_buffers import StepAttachment, StepBuffers
 from loraplex.server.errors import UserError
 from loraplex.server.adapters.lora import LoRAStepContext, linear_features, wrap_model
 from loraplex.server.model.quantization import bnb_config, dequantized_weight, keep_bnb_off_packed_cpu_path
@@ -299,15 +299,15 @@ class ModelRunner:
         return 8 * (elements + arrays) + 4 * self.lora_meta.table_numel
 
     @torch.inference_mode()
-    def execute(self, inputs: list[StepInput]) -> torch.Tensor:
+    def execute(self, inputs: list[StepInput], attach: StepAttachment | None = None) -> torch.Tensor:
         """Run one step; returns float32 logits [num sampling inputs, vocab] in input order.
 
-        All of the step's index arrays are laid out on the host and reach the device in one copy
-        (`StepBuffers`); nothing here reads a device value back."""
+        All of the step's index arrays, and `attach`'s (the sampler's), are laid out on the host and
+        reach the device in one copy (`StepBuffers`); nothing here reads a device value back."""
         devices.make_current(self.device)  # Triton launches on the calling thread's current device
-        if self.decode_graphs is not None and self.decode_graphs.takes(inputs):
+        if self.decode_graphs is not None and self.decode_graphs.takes(inputs, attach):
             self._wait_for_loads([item.slot for item in inputs])
-            return self.decode_graphs.run(inputs)
+            return self.decode_graphs.run(inputs, attach)
         order = sorted(range(len(inputs)), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
         token_ids: list[int] = []
         positions: list[int] = []
@@ -352,7 +352,7 @@ class ModelRunner:
                 spans.append((row, n, self.kv_slots(item.block_table, 0, end)))
 
         buffers = self.buffers
-        buffers.begin(self._bound(inputs))
+        buffers.begin(self._bound(inputs) + (0 if attach is None else attach.nbytes))
         self._wait_for_loads(token_slots)
         try:
             self._begin_adapters(token_slots)  # first: the LoRA tables keep their address from step to step
@@ -369,6 +369,8 @@ class ModelRunner:
                 backend=self.attention_backend,
                 paged=self._paged_batch(paged) if triton else None,
             )
+            if attach is not None:
+                attach.put(buffers)
             buffers.send()
             model_inputs = {"input_ids": ids}
             if virtual:

@@ -9,11 +9,30 @@ Worked example: `begin(64)`, `put([5, 6], torch.int64)` -> bytes [0, 16), `put(i
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 ALIGN = 8
+
+
+@dataclass
+class StepAttachment:
+    """Host arrays that ride along with a step's metadata in its one copy (the sampler's per-row
+    parameters): `host` is given, `device` is filled by the runner with views in the same order,
+    valid until the next step begins."""
+
+    host: list[torch.Tensor]
+    device: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the arrays take in a step buffer, alignment included."""
+        return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in self.host)
+
+    def put(self, buffers: "StepBuffers") -> None:
+        self.device = [buffers.put(t, t.dtype) for t in self.host]
 
 
 class StepBuffers:
