@@ -154,7 +154,8 @@ class Backend:
 
 def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTensors, meta: LoRAMeta,
                 v: torch.Tensor | None, plans: torch_ops.PlanCache | None) -> torch.Tensor:
-    """Shrink then expand through the Triton kernels, the torch path or the reference."""
+    """Shrink then expand through the Triton kernels, the torch path, the reference or (lora_op "gather")
+    the per-token gathering reference, which a CUDA graph may capture."""
     if v is None:
         v = meta.workspace(pool.a.shape[0], pool.a.shape[2])
     if lora_op == "triton":
@@ -169,6 +170,10 @@ def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTe
         reference.shrink_reference(x, pool.a, pool.ranks, meta.slots, out=v)
         offsets, widths = resolve_slices(v.shape[0], y.shape[1], pool.slice_offsets, pool.slice_widths)
         return reference.expand_reference(v, pool.b_t, pool.ranks, pool.scale, meta.slots, y, offsets, widths)
+    if lora_op == "gather":  # device work only (tests of graph capture on CPU)
+        offsets, widths = resolve_slices(v.shape[0], y.shape[1], pool.slice_offsets, pool.slice_widths)
+        return reference.lora_gather_reference(x, pool.a, pool.b_t, pool.ranks, pool.scale, meta.slots, y,
+                                               offsets, widths)
     if lora_op == "native":
         raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {x.dtype} on {x.device}")
     torch_ops.torch_shrink(x, pool.a, pool.ranks, meta, out=v, plans=plans)

@@ -121,6 +121,16 @@ class LoRAMeta:
         for name, view in self._views(table).items():
             setattr(self, name, view)
 
+    def bind_host(self, host: torch.Tensor) -> None:
+        """Let ``build`` write into ``host`` ([table_numel] int32, e.g. a region of a caller's pinned step
+        buffer that reaches the device in the caller's copy); it is reset to the empty layout."""
+        if host.shape != (self.table_numel,) or host.dtype != torch.int32 or host.device.type != "cpu":
+            raise ValueError(f"host must be [{self.table_numel}] int32 on the CPU, got {tuple(host.shape)} "
+                             f"{host.dtype} on {host.device}")
+        self.host = host
+        self._host_views = self._views(host)
+        self.host.copy_(self._initial())
+
     # ----------------------------------------------------------------- views of the live part
     @property
     def slots(self) -> torch.Tensor:  # [num_tokens] int32

@@ -67,6 +67,35 @@ def expand_reference(
     return y
 
 
+def lora_gather_reference(
+    x: torch.Tensor,            # [T, in_features]
+    A: torch.Tensor,            # [num_slices, S, max_rank, in_features]
+    B_t: torch.Tensor,          # [S, max_rank, out_total]
+    ranks: torch.Tensor,        # [num_slices, S] int
+    scalings: torch.Tensor,     # [num_slices, S] float
+    token_slots: torch.Tensor,  # [T] int, −1 = no adapter
+    y: torch.Tensor,            # [T, out_total], updated in place
+    slice_offsets: Sequence[int],
+    slice_widths: Sequence[int],
+) -> torch.Tensor:
+    """shrink then expand with every token gathering its own slot's weights: device work only, no host
+    read and no data-dependent shape, so a CUDA graph (or tests/engine/test_graph_capture.py's op
+    recording) may capture it. Rank padding and slot −1 are masked, not skipped."""
+    slots = token_slots.long()
+    used = slots >= 0
+    index = slots.clamp(min=0)
+    rank_index = torch.arange(A.shape[2], device=x.device)
+    xf = x.float()
+    for i, (off, w) in enumerate(zip(slice_offsets, slice_widths)):
+        live = (rank_index[None, :] < ranks[i].index_select(0, index)[:, None]) & used[:, None]  # [T, r]
+        a = torch.where(live[:, :, None], A[i].index_select(0, index).float(), 0.0)  # [T, r, in]
+        b = torch.where(live[:, :, None], B_t.index_select(0, index)[:, :, off : off + w].float(), 0.0)
+        v = torch.bmm(a, xf[:, :, None])  # [T, r, 1]
+        delta = torch.bmm(v.transpose(1, 2), b)[:, 0] * scalings[i].index_select(0, index)[:, None]
+        y[:, off : off + w] = (y[:, off : off + w].float() + delta).to(y.dtype)
+    return y
+
+
 def paged_attention_reference(
     q: torch.Tensor,                # [T, H, D]
     k_cache: torch.Tensor,          # [slots, KVH, D]

@@ -23,11 +23,19 @@ The step's adapter layout (`LoRAMeta`, one slot per token) is set on the shared 
 the model runner before the forward pass and cleared after it.
 
 Per-projection vectors of the other types live on each `LoRALinear`, one row per slot plus a last
-row of ones for tokens without such an adapter (allocated on first use):
+row for tokens without such an adapter, all allocated at wrap time (before any CUDA graph is captured,
+so a graph reads them at the addresses they keep):
 
-    dora_scale  [num_slots + 1, out]   DoRA: y = g ⊙ (base(x) − bias + LoRA(x)) + bias
-    ia3_in      [num_slots + 1, in]    IA3 on a feed-forward module: y = base(x ⊙ l)
-    ia3_out     [num_slots + 1, out]   IA3 elsewhere: y = base(x) ⊙ l
+    out_scale   [num_slots + 1, out]   DoRA's g or IA3's output vector; ones elsewhere
+    out_bias    [num_slots + 1, out]   projections with a bias: the bias for DoRA slots, zeros elsewhere
+                                       y = out_scale ⊙ (base(x) + LoRA(x) − out_bias) + out_bias
+    ia3_in      [num_slots + 1, in]    IA3 on a feed-forward module: y = base(x ⊙ l); in a group of one
+                                       projection, x is scaled before the group's base and LoRA (a slot is
+                                       one adapter kind: IA3 slots have rank 0, LoRA slots ones)
+
+A group of several projections (q/k/v, gate/up) shares one input, so IA3 input vectors there (an
+unusual `feedforward_modules`) are allocated on first load and served by the split path
+(`LoRAStepContext.split_inputs`), which the runner only takes in eager steps.
 """
 
 from __future__ import annotations
@@ -70,19 +78,28 @@ class LoRAStepContext:
     rows: torch.Tensor | None = None
     """[tokens] long: each token's slot, with the base model's -1 mapped to the row of ones."""
     has_lora: bool = False
-    has_dora: bool = False
-    has_ia3: bool = False
+    """Run the LoRA op (some token's slot holds LoRA or DoRA weights)."""
+    scale_rows: bool = False
+    """Apply out_scale/out_bias (some token's slot is DoRA or IA3)."""
+    scale_inputs: bool = False
+    """Apply the IA3 input vectors of single-projection groups (some token's slot is IA3)."""
+    split_inputs: bool = False
+    """Some token's IA3 adapter scales the input of one projection of a shared-input group: such groups
+    run projection by projection (eager steps only)."""
     cache: dict = field(default_factory=dict)
     """Per-step group outputs: id(group) -> (input tensor, output, projections yet to read it)."""
     step: object | None = None
     """This step's layout as the backend takes it (`Backend.begin_step`); None without meta."""
 
-    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[AdapterKind] = frozenset()) -> None:
+    def begin(self, meta: LoRAMeta | None, rows: torch.Tensor | None = None, kinds: set[AdapterKind] = frozenset(),
+              split_inputs: bool = False) -> None:
+        """kinds: the adapter kinds whose work the step does (a CUDA graph: fixed at capture)."""
         self.meta = meta
         self.rows = rows
         self.has_lora = bool(kinds & {AdapterKind.LORA, AdapterKind.DORA})
-        self.has_dora = AdapterKind.DORA in kinds
-        self.has_ia3 = AdapterKind.IA3 in kinds
+        self.scale_rows = bool(kinds & {AdapterKind.DORA, AdapterKind.IA3})
+        self.scale_inputs = AdapterKind.IA3 in kinds
+        self.split_inputs = split_inputs
         self.cache.clear()
         self.step = None if meta is None else self.backend.begin_step(meta)
 
@@ -142,7 +159,7 @@ class LoRAGroup:
         """The projections' base weights as one [out_total, in] weight in the backend's layout (plain
         nn.Linear groups); None: each projection runs its own base layer."""
         self.has_ia3_in = False
-        """Some projection of the group holds IA3 input vectors: its input differs, no fused output."""
+        """A group of several projections where some projection holds IA3 input vectors (split path)."""
 
     @property
     def fused(self) -> bool:
@@ -243,71 +260,85 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, group: LoRAGroup, slice_index: int, num_slots: int,
                  vector_dtype: torch.dtype):
         super().__init__()
-        self.vector_dtype = vector_dtype
-        """DoRA/IA3 vectors' dtype: the model's (the pools may store LoRA weights in bfloat16)."""
         self.base = base
         self.group = group
         self.slice_index = slice_index
         self.num_slots = num_slots
         self.in_features, self.out_features = linear_features(base)
-        self.dora_scale: torch.Tensor | None = None
-        self.ia3_in: torch.Tensor | None = None
-        self.ia3_out: torch.Tensor | None = None
-
-    def _vectors(self, name: str, width: int) -> torch.Tensor:
-        table = getattr(self, name)
-        if table is None:
-            pool = self.group.pool
-            table = torch.ones(self.num_slots + 1, width, dtype=self.vector_dtype, device=pool.b_t.device)
-            setattr(self, name, table)
-            if name == "ia3_in":
-                self.group.has_ia3_in = True
-        return table
+        self.vector_dtype = vector_dtype
+        """DoRA/IA3 vectors' dtype: the model's (the pools may store LoRA weights in bfloat16)."""
+        device = group.pool.b_t.device
+        self.out_scale = torch.ones(num_slots + 1, self.out_features, dtype=vector_dtype, device=device)
+        has_bias = getattr(base, "bias", None) is not None
+        self.out_bias = torch.zeros_like(self.out_scale) if has_bias else None
+        self.scales_input = len(group.paths) == 1
+        """IA3 input vectors apply before the group's shared computation (a group of one projection)."""
+        self.ia3_in = (torch.ones(num_slots + 1, self.in_features, dtype=vector_dtype, device=device)
+                       if self.scales_input else None)
 
     def load_slot(self, slot: int, dora_scale: torch.Tensor | None, ia3_in: torch.Tensor | None,
                   ia3_out: torch.Tensor | None) -> None:
-        """Set (or reset to ones) this projection's per-slot vectors."""
-        for name, width, vector in (("dora_scale", self.out_features, dora_scale),
-                                    ("ia3_in", self.in_features, ia3_in),
-                                    ("ia3_out", self.out_features, ia3_out)):
-            if vector is not None:
-                self._vectors(name, width)[slot].copy_(vector)
-            elif getattr(self, name) is not None:
-                getattr(self, name)[slot].fill_(1.0)
+        """Set (or reset to identity) this projection's per-slot vectors."""
+        if dora_scale is not None and ia3_out is not None:
+            raise ValueError("a slot holds one adapter: DoRA and IA3 vectors for the same projection")
+        scale = dora_scale if dora_scale is not None else ia3_out
+        if scale is None:
+            self.out_scale[slot].fill_(1.0)
+        else:
+            self.out_scale[slot].copy_(scale)
+        if self.out_bias is not None:
+            if dora_scale is None:
+                self.out_bias[slot].zero_()
+            else:
+                self.out_bias[slot].copy_(self.base.bias.detach())
+        if ia3_in is not None and self.ia3_in is None:  # a shared-input group: served by the split path
+            self.ia3_in = torch.ones(self.num_slots + 1, self.in_features, dtype=self.vector_dtype,
+                                     device=self.out_scale.device)
+            self.group.has_ia3_in = True
+        if ia3_in is not None:
+            self.ia3_in[slot].copy_(ia3_in)
+        elif self.ia3_in is not None:
+            self.ia3_in[slot].fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         context = group.context
-        if group.fused and not (context.has_ia3 and group.has_ia3_in):
-            offset = group.pool.slice_offsets[self.slice_index]
-            y = group.output(x)[..., offset : offset + self.out_features]
-            if context.meta is None:
-                return y
-            return self._scale_rows(y, context)
         if context.meta is None:
-            return self.base(x)
-        rows = context.rows
-        x_base = x
-        if context.has_ia3 and self.ia3_in is not None:
-            x_base = x * self.ia3_in[rows].view(*x.shape[:-1], -1).to(x.dtype)
-        y = self.base(x_base)
-        if context.has_lora:
-            pool = group.pool
-            offset = pool.slice_offsets[self.slice_index]
-            delta = group.delta(x)[:, offset : offset + self.out_features]
-            y = y + delta.view(y.shape).to(y.dtype)
+            return self._columns(group.output(x)) if group.fused else self.base(x)
+        if context.split_inputs and group.has_ia3_in:
+            x_base = x if self.ia3_in is None else x * self._rows(self.ia3_in, x)
+            y = self.base(x_base)
+            if context.has_lora:
+                y = y + self._columns(group.delta(x)).view(y.shape).to(y.dtype)
+            return self._scale_rows(y, context)
+        if context.scale_inputs and self.scales_input:
+            x = x * self._rows(self.ia3_in, x)
+        if group.fused:
+            y = self._columns(group.output(x))
+        else:
+            y = self.base(x)
+            if context.has_lora:
+                y = y + self._columns(group.delta(x)).view(y.shape).to(y.dtype)
         return self._scale_rows(y, context)
 
+    def _columns(self, y: torch.Tensor) -> torch.Tensor:
+        """This projection's columns of its group's output."""
+        offset = self.group.pool.slice_offsets[self.slice_index]
+        return y[..., offset : offset + self.out_features]
+
+    def _rows(self, table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each token's row of a per-slot table, shaped and typed as `like`."""
+        return table[self.group.context.rows].view(like.shape[:-1] + (-1,)).to(like.dtype)
+
     def _scale_rows(self, y: torch.Tensor, context: LoRAStepContext) -> torch.Tensor:
-        """DoRA's row scale and IA3's output scale, per token's slot (no-ops without such adapters)."""
-        rows = context.rows
-        if context.has_dora and self.dora_scale is not None:
-            scale = self.dora_scale[rows].view(y.shape).to(y.dtype)
-            bias = getattr(self.base, "bias", None)
-            y = scale * y if bias is None else scale * (y - bias) + bias
-        if context.has_ia3 and self.ia3_out is not None:
-            y = y * self.ia3_out[rows].view(y.shape).to(y.dtype)
-        return y
+        """DoRA's row scale and IA3's output scale, per token's slot (identity for other slots)."""
+        if not context.scale_rows:
+            return y
+        scale = self._rows(self.out_scale, y)
+        if self.out_bias is None:
+            return y * scale
+        bias = self._rows(self.out_bias, y)
+        return scale * (y - bias) + bias
 
 
 def find_lora_targets(model: nn.Module) -> list[tuple[str, list[str]]]:

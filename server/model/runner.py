@@ -133,6 +133,9 @@ class ModelRunner:
             bias=lambda path: getattr(self.lora_table[path].base, "bias", None),
         )
         self.slot_kinds: list[AdapterKind | None] = [None] * self.num_slots
+        self.slot_splits: list[bool] = [False] * self.num_slots
+        """The slot's IA3 adapter scales the input of a projection in a shared-input group (eager steps only:
+        `LoRAStepContext.split_inputs`)."""
         self.slot_prompts: list[torch.Tensor | None] = [None] * self.num_slots  # prompt tuning, on device
         self._copy_stream: torch.cuda.Stream | None = None
         self._loading: dict[int, torch.cuda.Event] = {}
@@ -219,6 +222,7 @@ class ModelRunner:
             if stream is not None:
                 self._loading[slot] = stream.record_event()
         self.slot_kinds[slot] = adapter.kind
+        self.slot_splits[slot] = any(not self.lora_table[path].scales_input for path in adapter.ia3_in)
 
     @contextlib.contextmanager
     def _copying(self):
@@ -430,4 +434,5 @@ class ModelRunner:
         rows = None  # per-token vector rows: only DoRA and IA3 read them
         if kinds & {AdapterKind.DORA, AdapterKind.IA3}:
             rows = self.buffers.put([slot if slot >= 0 else self.num_slots for slot in token_slots])
-        self.lora_context.begin(self._lora_meta(token_slots), rows, kinds)
+        split = any(self.slot_splits[slot] for slot in set(token_slots) if slot >= 0)
+        self.lora_context.begin(self._lora_meta(token_slots), rows, kinds, split)

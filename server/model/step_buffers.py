@@ -69,9 +69,15 @@ class StepBuffers:
         self.used = end
         return self.table[start:end].view(dtype)
 
-    def send(self) -> None:
-        """The step's one host -> device copy (asynchronous on CUDA)."""
-        self.table[: self.used].copy_(self.host[: self.used], non_blocking=self.pinned)
+    def seek(self, offset: int) -> None:
+        """Let the next `put` start at byte `offset` (a caller with a fixed layout of its own)."""
+        self.used = offset
+
+    def send(self, nbytes: int | None = None) -> None:
+        """The step's one host -> device copy of bytes [0, nbytes) (default: what `put` wrote), asynchronous
+        on CUDA."""
+        nbytes = self.used if nbytes is None else nbytes
+        self.table[:nbytes].copy_(self.host[:nbytes], non_blocking=self.pinned)
         if self.pinned:
             self._sent = torch.cuda.Event()
             self._sent.record()
