@@ -65,6 +65,7 @@ class LoRAMeta:
         # host tables: pinned on CUDA so the copy to the device is asynchronous
         self.host = torch.empty(self.table_numel, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._host_views = self._views(self.host)
+        self._host_arrays = {name: view.numpy() for name, view in self._host_views.items()}
         self.bind(torch.empty(self.table_numel, dtype=torch.int32, device=self.device))
         self._sent: torch.cuda.Event | None = None
         """Recorded after `update`'s copy from the pinned host tables."""
@@ -129,6 +130,7 @@ class LoRAMeta:
                              f"{host.dtype} on {host.device}")
         self.host = host
         self._host_views = self._views(host)
+        self._host_arrays = {name: view.numpy() for name, view in self._host_views.items()}
         self.host.copy_(self._initial())
 
     # ----------------------------------------------------------------- views of the live part
@@ -251,6 +253,45 @@ class LoRAMeta:
             self.segments = list(zip(seg_slot[:n].tolist(), seg_start[:n].tolist(), seg_len[:n].tolist()))
         else:
             self.segments = None
+        return self
+
+    def build_runs(self, runs: Sequence[tuple[int, int]]) -> "LoRAMeta":
+        """``build`` for a step laid out as runs of (slot, tokens), slots ascending and −1 last, each slot in
+        one run: the same tables, computed in Python over runs rather than over tokens (a decode step of
+        a few hundred tokens is laid out in microseconds, `decode_graphs.py`)."""
+        if self._sent is not None:
+            self._sent.synchronize()
+            self._sent = None
+        T = sum(length for _, length in runs)
+        S = self.max_slots
+        if T > self.max_tokens:
+            raise ValueError(f"the runs hold {T} tokens, more than max_tokens={self.max_tokens}")
+        slots = [slot for slot, length in runs if length > 0]
+        used = [slot for slot in slots if slot >= 0]
+        if used != sorted(set(used)) or any(slot < -1 or slot >= S for slot in slots) or -1 in slots[:-1]:
+            raise ValueError(f"runs must have ascending slots in [0, {S}), each once, then -1: got {slots}")
+        bm = configs.block_m_for(T)
+        num_tiles = _cdiv(T, bm) + min(T, S)
+        host = self._host_arrays
+        position = 0
+        segments, tiles = [], []
+        for slot, length in runs:
+            if length <= 0:
+                continue
+            host["token_slots"][position : position + length] = slot
+            if slot >= 0:
+                segments.append((slot, position, length))
+                tiles += [(slot, position + m0, min(bm, length - m0)) for m0 in range(0, length, bm)]
+            position += length
+        host["token_order"][:T] = range(T)
+        for name, column in (("seg_slot", 0), ("seg_start", 1), ("seg_len", 2)):
+            host[name][:] = [segment[column] for segment in segments] + [(-1, 0, 0)[column]] * (S + 1 - len(segments))
+        for name, column in (("tile_slot", 0), ("tile_start", 1), ("tile_len", 2)):
+            host[name][:num_tiles] = [tile[column] for tile in tiles] + [(-1, 0, 0)[column]] * (num_tiles - len(tiles))
+        self.num_tokens, self.block_m, self.num_tiles = T, bm, num_tiles
+        self.shape_class = configs.shape_class(T)
+        self.contiguous = True
+        self.segments = segments if self.device.type == "cpu" else None
         return self
 
     def _check(self, slots: torch.Tensor, contiguous: bool) -> None:

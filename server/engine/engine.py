@@ -141,7 +141,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.initial_free_blocks = self.block_manager.num_free_blocks
         self.scheduler = Scheduler(config.scheduler or self._default_scheduler_config(), self.block_manager)
-        self.runner.prepare_decode_graphs(self.scheduler.config.max_num_seqs)
+        budgets = self.scheduler.config
+        self.runner.reserve(budgets.max_num_batched_tokens, budgets.max_num_seqs)
+        self.runner.prepare_decode_graphs(budgets.max_num_seqs)
         self._wake = threading.Event()
         self.store = AdapterStore(config.adapters, self.runner.base_spec, self.runner.host_tier,
                                   on_ready=self._wake.set)

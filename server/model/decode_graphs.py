@@ -127,7 +127,7 @@ class DecodeGraphs:
         """id(block table) -> [row, the table, entries written]: the table is held, so its id cannot be
         reused while it has a row."""
         self._free_rows = list(range(1, b + 1))
-        self._meta_slots: list[int] | None = None
+        self._meta_runs: list[list[int]] | None = None
         self.graphs: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}
         self._stage([], self.max_batch)
         self.buffers.send(self.buffers.table.numel())  # every byte once: the scratch table row included
@@ -168,29 +168,37 @@ class DecodeGraphs:
         for key in [key for key in self._table_of if key not in present]:
             heapq.heappush(self._free_rows, self._table_of.pop(key)[0])  # its sequence left the batch
         order = sorted(range(n), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
-        token_ids, positions, slots, lora_rows, table_rows, lengths, token_slots = ([] for _ in range(7))
+        token_ids, positions, slots, lora_rows, table_rows, lengths = ([] for _ in range(6))
         keep = list(range(size))  # logits come out in input order, then the padding rows
+        runs: list[list[int]] = []  # [slot, rows]: the LoRA layout
         for row, i in enumerate(order):
             item = inputs[i]
-            start, table = item.start, item.block_table
+            start, table, slot = item.start, item.block_table, item.slot
             keep[i] = row
             token_ids.append(item.token_ids[0])
             positions.append(start)
             slots.append(table[start // bs] * bs + start % bs)
             lengths.append(start + 1)
-            token_slots.append(item.slot)
-            lora_rows.append(item.slot if item.slot >= 0 else no_adapter)
+            lora_rows.append(slot if slot >= 0 else no_adapter)
             table_rows.append(self._table_row(table))
+            if runs and runs[-1][0] == slot:
+                runs[-1][1] += 1
+            else:
+                runs.append([slot, 1])
         pad = size - n
         scratch_slot = runner.scratch_block * bs
         self._small[:, :size] = [token_ids + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad, keep,
                                  lora_rows + [no_adapter] * pad, table_rows + [0] * pad]
         self._lengths[:size] = lengths + [1] * pad
-        token_slots += [-1] * pad
-        if token_slots != self._meta_slots:  # consecutive steps of one batch keep their layout
-            self._meta_slots = None  # a failed build must not pass for the layout it was building
-            self.lora_meta.build(token_slots, contiguous=True)
-            self._meta_slots = token_slots
+        if pad:
+            if runs and runs[-1][0] == -1:
+                runs[-1][1] += pad
+            else:
+                runs.append([-1, pad])
+        if runs != self._meta_runs:  # consecutive steps of one batch keep their layout
+            self._meta_runs = None  # a failed build must not pass for the layout it was building
+            self.lora_meta.build_runs(runs)
+            self._meta_runs = runs
         if attach is not None:
             self.buffers.seek(self._attach_at)
             attach.put(self.buffers)

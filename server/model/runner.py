@@ -26,7 +26,7 @@ from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
 from loraplex.server.config import EngineConfig, check_adapter_dtype
-from loraplex.server.model.decode_graphs import DecodeGraphs
+from loraplex.server.model.decode_graphs import ATTACH_BYTES_PER_ROW, DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.model.step_buffers import StepAttachment, StepBuffers
 from loraplex.server.errors import UserError
@@ -246,12 +246,24 @@ class ModelRunner:
         return None if tensor is None else tensor.to(self.device, self.dtype, non_blocking=True)
 
     def write_prefix(self, blocks: list[int], prefix_kv: torch.Tensor) -> None:
-        """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim]) in `blocks`."""
-        slots = torch.tensor(self.kv_slots(blocks, 0, prefix_kv.shape[3]), device=self.device)
+        """Store a prefix-tuning adapter's keys/values ([layers, 2, kv_heads, P, head_dim], the host tier's:
+        pinned on CUDA) in the first positions of `blocks`: one non-blocking copy to the device, then each
+        layer's runs of consecutive blocks written as slices (no index tensor, no host wait)."""
+        kv = prefix_kv.to(self.device, self.kv_cache.k[0].dtype, non_blocking=True)
+        bs, length = self.block_size, prefix_kv.shape[3]
+        runs: list[list[int]] = []  # [first block, positions]: consecutive blocks hold consecutive positions
+        for i, block in enumerate(blocks[: -(-length // bs)]):
+            n = min(bs, length - i * bs)
+            if runs and runs[-1][0] * bs + runs[-1][1] == block * bs and runs[-1][1] % bs == 0:
+                runs[-1][1] += n
+            else:
+                runs.append([block, n])
         for layer in range(self.num_layers):
-            kv = prefix_kv[layer].to(self.device, self.kv_cache.k[layer].dtype)
-            self.kv_cache.k[layer].index_copy_(0, slots, kv[0].transpose(0, 1))
-            self.kv_cache.v[layer].index_copy_(0, slots, kv[1].transpose(0, 1))
+            start = 0
+            for block, n in runs:
+                for cache, values in ((self.kv_cache.k[layer], kv[layer, 0]), (self.kv_cache.v[layer], kv[layer, 1])):
+                    cache[block * bs : block * bs + n].copy_(values[:, start : start + n].transpose(0, 1))
+                start += n
 
     # ------------------------------------------------------------------ one step
     def _lora_meta(self, token_slots: list[int]) -> LoRAMeta:
@@ -287,20 +299,39 @@ class ModelRunner:
             return
         self.decode_graphs = graphs
 
+    def reserve(self, max_tokens: int, max_seqs: int) -> None:
+        """Size the per-step buffers once, at start-up, for the scheduler's budgets (`max_tokens` computed
+        positions and `max_seqs` sequences a step): no step of those budgets allocates pinned memory or
+        makes a blocking copy while serving. The context slots the torch attention path lays out per
+        sequence are bounded by the KV cache; prefix blocks shared by many sequences could exceed that,
+        and then the buffer grows once (logged)."""
+        self.lora_meta = LoRAMeta.allocate(max(max_tokens, 1), self.num_slots, self.device, max_slices=3,
+                                           max_rank=self.config.adapters.max_rank)
+        self._meta_slots = None
+        max_blocks = -(-self.max_model_len // self.block_size)
+        context = 0 if self.attention_backend == "triton" else (self.num_blocks + 1) * self.block_size
+        self.buffers.reserve(self._bytes(max_tokens, max_seqs, max_blocks, context)
+                             + max_seqs * ATTACH_BYTES_PER_ROW)
+
+    def _bytes(self, tokens: int, seqs: int, blocks: int, context: int) -> int:
+        """A bound of the bytes a step's metadata takes in the step buffer (see `execute`)."""
+        arrays = 16 + 4 * seqs
+        elements = 6 * tokens + 4 * seqs * (2 + blocks) + context
+        return 8 * (elements + arrays) + 4 * self.lora_meta.table_numel
+
     def _bound(self, inputs: list[StepInput]) -> int:
-        """Bytes this step's metadata can take in the step buffer (see `execute`); sizes the LoRA layout."""
+        """Bytes this step's metadata can take in the step buffer; grows the LoRA layout for a step past
+        the reserved budget (`reserve`)."""
         tokens = sum(len(item.token_ids) + (0 if item.virtual_embeddings is None else item.virtual_embeddings.shape[0])
                      for item in inputs)
         blocks = max(len(item.block_table) for item in inputs)
-        context = sum(len(item.block_table) for item in inputs) * self.block_size
+        context = 0 if self.attention_backend == "triton" else sum(len(item.block_table) for item in inputs) * self.block_size
         if self.lora_meta is None or self.lora_meta.max_tokens < tokens:
-            # grows to the largest step seen; the scratch covers the widest group (q/k/v: 3 slices)
+            log.warning("a step of %d tokens is past the reserved budget: LoRA layout reallocated", tokens)
             self.lora_meta = LoRAMeta.allocate(max(tokens, 256), self.num_slots, self.device,
                                                max_slices=3, max_rank=self.config.adapters.max_rank)
             self._meta_slots = None
-        arrays = 16 + 4 * len(inputs)
-        elements = 6 * tokens + 4 * len(inputs) * (2 + blocks) + context
-        return 8 * (elements + arrays) + 4 * self.lora_meta.table_numel
+        return self._bytes(tokens, len(inputs), blocks, context)
 
     @torch.inference_mode()
     def execute(self, inputs: list[StepInput], attach: StepAttachment | None = None) -> torch.Tensor:

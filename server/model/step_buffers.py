@@ -9,10 +9,13 @@ Worked example: `begin(64)`, `put([5, 6], torch.int64)` -> bytes [0, 16), `put(i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 ALIGN = 8
 
@@ -48,6 +51,11 @@ class StepBuffers:
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
         self.table = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def reserve(self, nbytes: int) -> None:
+        """Hold at least `nbytes` from now on (start-up: steps within it never allocate)."""
+        if nbytes > self.host.numel():
+            self._allocate(nbytes)
+
     def begin(self, bound: int) -> None:
         """Start a step whose arrays take at most `bound` bytes (their alignment included)."""
         if self._sent is not None:
@@ -55,6 +63,8 @@ class StepBuffers:
             self._sent.synchronize()
             self._sent = None
         if bound > self.host.numel():
+            log.warning("a step needs %d bytes of metadata, past the %d reserved: the step buffer grows",
+                        bound, self.host.numel())
             self._allocate(max(bound, 2 * self.host.numel()))
         self.used = 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -143,3 +145,32 @@ def test_workspace_is_a_view_of_reserved_scratch_and_grows_when_needed():
     assert v.data_ptr() == meta.workspace(2, 8).data_ptr()
     bare = LoRAMeta.allocate(64, 4, "cpu").update([0] * 10)
     assert bare.workspace(3, 64).shape == (3, 10, 64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_build_runs_writes_the_tables_build_writes(seed):
+    """The decode graphs' fast path: same host tables and attributes as `build` on the same layout."""
+    rng = random.Random(seed)
+    max_slots = 8
+    slots = sorted(rng.sample(range(max_slots), rng.randint(0, max_slots)))
+    runs = [(slot, rng.randint(1, 40)) for slot in slots] + [(-1, rng.randint(0, 30))]
+    if sum(length for _, length in runs) == 0:
+        runs[-1] = (-1, 1)
+    token_slots = [slot for slot, length in runs for _ in range(length)]
+    expected = LoRAMeta.allocate(256, max_slots, "cpu").build(token_slots, contiguous=True)
+    fast = LoRAMeta.allocate(256, max_slots, "cpu")
+    fast.build([3] * 200, contiguous=True)  # stale tables underneath
+    fast.build_runs(runs)
+    for name in ("num_tokens", "block_m", "num_tiles", "shape_class", "contiguous", "segments"):
+        assert getattr(fast, name) == getattr(expected, name), name
+    live = {"token_slots": fast.num_tokens, "token_order": fast.num_tokens, "seg_slot": None, "seg_start": None,
+            "seg_len": None, "tile_slot": fast.num_tiles, "tile_start": fast.num_tiles, "tile_len": fast.num_tiles}
+    for name, n in live.items():
+        assert torch.equal(fast._host_views[name][:n], expected._host_views[name][:n]), name
+
+
+def test_build_runs_refuses_a_layout_that_is_not_ascending_runs():
+    meta = LoRAMeta.allocate(64, 4, "cpu")
+    for runs in ([(2, 3), (1, 3)], [(-1, 2), (0, 2)], [(4, 1)], [(1, 2), (1, 2)]):
+        with pytest.raises(ValueError, match="ascending"):
+            meta.build_runs(runs)
