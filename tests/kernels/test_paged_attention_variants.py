@@ -1,54 +1,25 @@
 """Which variants of the paged attention kernel serving compiles: few decode split counts, and all of
 them, with every other meta-parameter a step can select, compiled by the start-up warm-up.
 
-A launch is recorded, not run, as the key Triton compiles a variant under on an H100 (sm_90): the
-constexprs, the arguments' specialization (a value of 1, divisibility by 16, 16-byte alignment) and
-num_warps/num_stages. Serving's launches come from `PagedBatch.build` over a buffer that, like the
-step buffer, aligns its arrays to 8 bytes only.
+A launch is recorded, not run, as the key Triton compiles a variant under on an H100 (`compile_keys`).
+Serving's launches come from `PagedBatch.build` over a buffer that, like the step buffer, aligns its
+arrays to 8 bytes only.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
-from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from loraplex.kernels.triton import paged_attention as pa
-from loraplex.kernels.triton.utils import jit_options
 from loraplex.server.model import attention
+
+from .compile_keys import Recorder
 
 H100_SMS = 132
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 8, 2, 16, 16, torch.float16
 WINDOWS = {None, 8}  # a model with full-attention and sliding-window layers
 MAX_NUM_SEQS = 256
-
-
-class Recorder:
-    """Stands in for `for_current_mode`: `kernel[grid](...)` records the launch's compile key."""
-
-    def __init__(self):
-        self.keys: set = set()
-        self._binders: dict = {}
-
-    def __call__(self, kernel):
-        if kernel.fn not in self._binders:
-            jit = JITFunction(kernel.fn, **jit_options(kernel))
-            backend = CUDABackend(GPUTarget("cuda", 90, 32))
-            self._binders[kernel.fn] = create_function_from_signature(jit.signature, jit.params, backend)
-        binder = self._binders[kernel.fn]
-        recorder = self
-
-        class Launch:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    _, specialization, options = binder(*args, **kwargs)
-                    recorder.keys.add((kernel.fn.__name__, tuple(map(tuple, specialization)),
-                                       tuple(sorted(options.items()))))
-                return launch
-
-        return Launch()
 
 
 @pytest.fixture
@@ -112,8 +83,9 @@ def test_warm_up_compiles_every_variant_serving_launches(h100, recorder):
     recorder.keys.clear()
     for skip in (False, True):
         for window in WINDOWS:
-            for num_seqs in range(1, MAX_NUM_SEQS + 1):  # decode, contexts of 1 to 17 blocks
-                serve([1] * num_seqs, [1 + BLOCK_SIZE * (i % 17) for i in range(num_seqs)], skip, window, offset=4 * (num_seqs % 3))
+            for num_seqs in range(1, MAX_NUM_SEQS + 1):  # decode; contexts of 1 to 17 blocks
+                kv_lens = [1 + BLOCK_SIZE * (i % 17) for i in range(num_seqs)]
+                serve([1] * num_seqs, kv_lens, skip, window, offset=4 * (num_seqs % 3))
             for query_lens, kv_lens in (([2], [2]), ([1, 5], [20, 5]), ([300, 1, 1], [700, 3, 260]),
                                         ([64] * 3, [64, 128, 4000])):  # prefill chunks, mixed steps
                 for offset in (0, 4, 8):
