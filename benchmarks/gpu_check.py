@@ -151,8 +151,9 @@ def section_preflight(ctx: Context) -> dict:
 
         accel = dict(ok=True, version=accelerate.__version__, missing=None)
     except ImportError as error:
-        accel = dict(ok=False, version=None, missing=f"accelerate does not import ({error}): transformers cannot "
-                                                        f"load a 4-bit model with a device_map: sections nf4, train (qlora)")
+        accel = dict(ok=False, version=None,
+                     missing=f"accelerate does not import ({error}): transformers cannot load a 4-bit model "
+                             f"with a device_map: sections nf4, train (qlora)")
     checks = dict(c_compiler=compiler, python_h=python_h, accelerate=accel)
     missing = [check["missing"] for check in checks.values() if not check["ok"]]
     return dict(ok=not missing, **checks, missing=missing)
