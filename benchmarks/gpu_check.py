@@ -4,9 +4,15 @@
     python benchmarks/gpu_check.py --smoke         # CPU, tiny shapes, float32, Triton interpreter (the logic only)
 
 The JSON result goes to ``--json FILE``, else to ``$OUT/gpu_check.json`` when ``$OUT`` is set; it is
-rewritten after every section, so a run stopped early keeps what it found. Sections, most information
-first; each is independent (a failure is recorded with its traceback and the next section runs):
+rewritten after every section, so a run stopped early keeps what it found. HF_HUB_OFFLINE=1 is set
+before anything imports huggingface_hub (the device has no network; every model here is made locally).
+Sections, most information first; each is independent (a failure is recorded with its traceback and
+the next section runs):
 
+0. preflight What the rest needs from the machine, written before any other section (whatever --only
+             says): a C compiler and Python.h, with which Triton builds its launcher stubs (without
+             either no Triton kernel launches on CUDA: kernels, attention, engine, nf4, decode fail),
+             and accelerate (without it transformers cannot load the 4-bit model: nf4, train qlora).
 1. kernels   Triton shrink/expand in bfloat16 and float16 against the float32 reference (mixed ranks,
              poisoned rank padding, 1-3 unequal slices, every adapter mix), then one CUDA graph captured
              once and replayed with new slots.
@@ -46,14 +52,17 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported (by transformers, peft)
 SMOKE = "--smoke" in sys.argv
 if SMOKE:  # before the first import of triton; the engine's LoRA then runs the interpreted Triton kernels
     os.environ["TRITON_INTERPRET"] = "1"
@@ -119,6 +128,35 @@ class Context:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+# ----------------------------------------------------------------------------- 0. preflight
+def section_preflight(ctx: Context) -> dict:
+    """The C compiler and Python.h as Triton finds them (``triton/runtime/build.py``: $CC, else gcc, else
+    clang; the include directory of the posix_prefix scheme where the default is Debian's posix_local),
+    and accelerate; each entry says what fails without it."""
+    triton_fails = "every Triton launch on CUDA fails (Triton compiles its launcher stubs with it): " \
+                   "sections kernels, attention, engine, nf4, decode"
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    found = cc is not None and shutil.which(cc) is not None
+    compiler = dict(ok=found, path=shutil.which(cc) if found else cc,
+                    missing=None if found else f"no C compiler ($CC, gcc or clang on PATH): {triton_fails}")
+    scheme = sysconfig.get_default_scheme()
+    include = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+    header = (include / "Python.h").is_file()
+    python_h = dict(ok=header, path=str(include / "Python.h"),
+                    missing=None if header else f"no Python.h in {include} (python3-dev): {triton_fails}")
+    try:
+        import accelerate
+
+        accel = dict(ok=True, version=accelerate.__version__, missing=None)
+    except ImportError as error:
+        accel = dict(ok=False, version=None,
+                     missing=f"accelerate does not import ({error}): transformers cannot load a 4-bit model "
+                             f"with a device_map: sections nf4, train (qlora)")
+    checks = dict(c_compiler=compiler, python_h=python_h, accelerate=accel)
+    missing = [check["missing"] for check in checks.values() if not check["ok"]]
+    return dict(ok=not missing, **checks, missing=missing)
 
 
 # ----------------------------------------------------------------------------- 1. kernels
@@ -670,6 +708,18 @@ def environment(ctx: Context) -> dict:
     return info
 
 
+def run_section(run, ctx: Context) -> dict:
+    """The section's result with its status and seconds; an exception is recorded with its traceback."""
+    started = time.monotonic()
+    try:
+        result = run(ctx)
+        result["status"] = "ok" if result.get("ok", True) else "failed"
+    except Exception:  # noqa: BLE001 - recorded, and the next section runs
+        result = dict(status="error", traceback=traceback.format_exc())
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -698,7 +748,7 @@ def main() -> int:
         ctx = Context(device=torch.device("cpu" if args.smoke else "cuda:0"),
                       dtype="float32" if args.smoke else "bfloat16",
                       sizes=SMOKE_SIZES if args.smoke else GPU_SIZES, work=work, smoke=args.smoke)
-        report: dict = dict(environment=environment(ctx), sections={})
+        report: dict = dict(sections={})
 
         def save() -> None:
             report["seconds"] = time.monotonic() - started
@@ -706,6 +756,9 @@ def main() -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
+        report["sections"]["preflight"] = run_section(section_preflight, ctx)
+        save()  # before anything imports transformers or launches a kernel
+        report["environment"] = environment(ctx)
         save()
         for name, run in SECTIONS:
             if name not in only:
@@ -716,13 +769,7 @@ def main() -> int:
                 save()
                 continue
             print(f"[{elapsed:6.1f}s] {name} ...", file=sys.stderr, flush=True)
-            section_started = time.monotonic()
-            try:
-                result = run(ctx)
-                result["status"] = "ok" if result.get("ok", True) else "failed"
-            except Exception:  # noqa: BLE001 - recorded, and the next section runs
-                result = dict(status="error", traceback=traceback.format_exc())
-            result["seconds"] = time.monotonic() - section_started
+            result = run_section(run, ctx)
             report["sections"][name] = result
             print(f"[{time.monotonic() - started:6.1f}s] {name}: {result['status']}", file=sys.stderr, flush=True)
             if ctx.cuda:

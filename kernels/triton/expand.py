@@ -29,7 +29,9 @@ from .utils import check_launch_device, for_current_mode, next_pow2
 MAX_SLICES = 4
 
 
-@triton.jit
+# The step layout's tables sit at offsets that change when the runner regrows it: no specializing on
+# their alignment (each is read per tile or gathered from a data-dependent start).
+@triton.jit(do_not_specialize_on_alignment=["tile_slot_ptr", "tile_start_ptr", "tile_len_ptr", "token_order_ptr"])
 def _expand_kernel(
     # pointers
     v_ptr,            # [num_slices, T, R] fp32 or B_t's dtype

@@ -19,9 +19,16 @@ of one sequence's query tokens and all the query heads of one KV head (rows: tok
 head-minor), so those heads share every K/V load; it exits at once past its sequence's tokens, so the
 tables may be padded with empty sequences (qs[s] == qs[s+1]) to a fixed shape. At decode, when the
 batch gives fewer programs than the GPU has SMs to fill, each sequence's keys are split over several
-programs (`decode_splits`, chosen from shapes only) whose partial results a second kernel merges.
-The launcher reads nothing from the device and allocates nothing whose size depends on the data (the
-split partials are sized by the shapes): a launch can be captured in a CUDA graph.
+programs (`decode_splits`, chosen from shapes only: a power of two up to MAX_SPLITS) whose partial
+results a second kernel merges. The launcher reads nothing from the device and allocates nothing whose
+size depends on the data (the split partials are sized by the shapes): a launch can be captured in a
+CUDA graph.
+
+Every launch compiles (once per process) the variant its meta-parameters and specialization select. A
+model fixes all of them but the shape class (decode or prefill), the split count, HAS_SKIP and
+HAS_WINDOW, which `server/model/attention.py`'s `warm_up` enumerates and compiles at start-up; the
+values that change from step to step but feed only scalar arithmetic or int32 table loads (the
+window, the block-table stride, the step buffer's 8-byte-aligned tables) are not specialized on.
 """
 
 from __future__ import annotations
@@ -41,9 +48,12 @@ LOG2E = 1.4426950408889634
 # Most programs one decoding sequence's keys are split over: each split writes a partial [rows, head_dim]
 # float32 result that the merge kernel reads back.
 MAX_SPLITS = 16
+SPLIT_COUNTS = (1, 2, 4, 8, 16)
+"""What `decode_splits` returns: each is a kernel variant, so there are few."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_bt"],
+            do_not_specialize_on_alignment=["block_table_ptr", "query_start_ptr", "kv_len_ptr", "skip_ptr"])
 def _paged_attention_kernel(
     # pointers
     q_ptr,            # [T, H, D]
@@ -175,7 +185,7 @@ def _paged_attention_kernel(
         tl.store(part_ml_ptr + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["query_start_ptr"])
 def _combine_kernel(
     o_ptr,            # [T, H, D]
     query_start_ptr,  # [num_seqs + 1] int32
@@ -222,16 +232,22 @@ def _combine_kernel(
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
 
 
 def decode_splits(programs: int, device: torch.device) -> int:
-    """Key ranges per (sequence, KV head) at decode: enough programs for about two waves of the GPU's
-    SMs when the batch alone gives fewer, at most MAX_SPLITS; 1 off CUDA (interpreted)."""
-    if device.type != "cuda":
+    """Key ranges per (sequence, KV head) at decode for `programs` = sequences x KV heads: about two
+    waves of the GPU's SMs, ceil(2 · SMs / programs), rounded down to a power of two in SPLIT_COUNTS;
+    1 off CUDA (interpreted)."""
+    sms = _num_sms(device)
+    if not sms:
         return 1
-    return max(1, min(MAX_SPLITS, -(-2 * _num_sms(device.index or 0) // programs)))
+    want = max(1, min(MAX_SPLITS, -(-2 * sms // programs)))
+    return 1 << (want.bit_length() - 1)
 
 
 def tile_shape(group: int, max_query_len: int, cfg: dict) -> dict:

@@ -52,8 +52,15 @@ def for_current_mode(kernel):
         return kernel
     key = id(kernel)
     if key not in _rewrapped or isinstance(_rewrapped[key], InterpretedFunction) != want_interp:
-        _rewrapped[key] = triton.jit(kernel.fn)
+        _rewrapped[key] = triton.jit(kernel.fn, **jit_options(kernel))
     return _rewrapped[key]
+
+
+def jit_options(kernel) -> dict:
+    """The specialization options `kernel` was decorated with (``@triton.jit(do_not_specialize=...)``),
+    whichever flavour it is, so that a rewrapped kernel keeps them."""
+    options = getattr(kernel, "kwargs", None) or vars(kernel)  # InterpretedFunction keeps them in .kwargs
+    return {name: options.get(name) for name in ("do_not_specialize", "do_not_specialize_on_alignment")}
 
 
 def check_launch_device(name: str, t: torch.Tensor) -> None:

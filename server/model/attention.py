@@ -30,18 +30,24 @@ The backend is chosen once, when the model runner is built (`select_backend`):
 
 Cache layout per layer: `k[layer]`, `v[layer]`: `[num_blocks * block_size, kv_heads, head_dim]`; the
 slot of position p of a sequence is `block_table[p // block_size] * block_size + p % block_size`.
+
+`warm_up` launches, at start-up, every variant of the Triton kernel that serving can reach, so that none
+compiles while requests wait.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from loraplex.kernels.cpu import native
+from loraplex.kernels.triton.paged_attention import decode_splits
 from loraplex.kernels.triton.paged_attention import paged_attention as triton_paged_attention
 from loraplex.kernels.triton.utils import interpreting
 from loraplex.server.errors import UserError
@@ -53,6 +59,8 @@ GATHER_MAX_ELEMENTS = 64 * 2**20
 META_KWARG = "loraplex_attention"
 BACKEND_ENV = "LORAPLEX_ATTENTION_BACKEND"
 BACKENDS = ("triton", "torch", "native")
+
+log = logging.getLogger(__name__)
 
 
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -400,3 +408,74 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+@dataclass(frozen=True)
+class WarmUpStep:
+    """A step shape that selects one variant of the Triton kernel (see `warm_up_steps`)."""
+
+    num_seqs: int
+    max_query_len: int
+    has_skip: bool
+    window: int | None
+
+
+def model_windows(model) -> set[int | None]:
+    """The sliding windows of the model's attention layers as `layer_window` finds them (None: all
+    positions); {None} when it finds no attention layer."""
+    return {layer_window(m) for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")} or {None}
+
+
+def warm_up_steps(kv_heads: int, windows: Iterable[int | None], max_num_seqs: int,
+                  device: torch.device) -> list[WarmUpStep]:
+    """One step per variant of the Triton kernel that a server can launch; the model fixes the rest.
+
+    What selects a variant (`kernels/triton/paged_attention.py`), and what serving reaches:
+    - the shape class: "decode" (every sequence one token) or "prefill" (max_query_len > 1; the tile is
+      the same for any length): both;
+    - NUM_SPLITS, decode only: `decode_splits(num_seqs * kv_heads)` for every eager batch of 1 to
+      max_num_seqs sequences (captured decode graphs compile their padded sizes when captured), one
+      step per distinct count, at the smallest batch that gives it; prefill: 1;
+    - HAS_SKIP: a prefix-tuning adapter may be loaded at any time: both;
+    - HAS_WINDOW: per layer, from `windows` (`model_windows`);
+    - fixed by the model: GROUP, HEAD_DIM, FP32_DOT (dtype), BLOCK_SIZE, the cache's strides.
+    """
+    smallest = {decode_splits(n * kv_heads, device): n for n in range(max_num_seqs, 0, -1)}
+    shapes = [(n, 1) for n in sorted(smallest.values())] + [(1, 2)]
+    by_has_window = {window is not None: window for window in windows}
+    return [WarmUpStep(num_seqs, query_len, has_skip, window) for num_seqs, query_len in shapes
+            for has_skip in (False, True) for window in by_has_window.values()]
+
+
+def launch_warm_up_steps(steps: list[WarmUpStep], num_heads: int, kv_heads: int, head_dim: int, block_size: int,
+                         dtype: torch.dtype, device: torch.device) -> None:
+    """Launch the Triton kernel once per step on dummy inputs of the model's shapes (one cache block,
+    every query zero): whatever a variant needs compiled is compiled. Its queries, cache and output are
+    fresh, contiguous tensors; serving's are laid out alike up to their strides, which are multiples of
+    16 as here when head_dim is (the compiled variant specializes on that)."""
+    cache = torch.zeros(block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    for step in steps:
+        n, t = step.num_seqs, step.max_query_len
+        q = torch.zeros(n * t, num_heads, head_dim, dtype=dtype, device=device)
+        tables = torch.zeros(n, -(-t // block_size), dtype=torch.int32, device=device)  # every entry: block 0
+        query_start = torch.arange(0, n * t + 1, t, dtype=torch.int32, device=device)
+        kv_lens = torch.full((n,), t, dtype=torch.int32, device=device)
+        skip = torch.zeros(n, 2, dtype=torch.int32, device=device) if step.has_skip else None
+        triton_paged_attention(q, cache, cache, torch.empty_like(q), tables, query_start, kv_lens, t, block_size,
+                               1.0, step.window, skip)
+
+
+def warm_up(backend: str, model, *, num_heads: int, kv_heads: int, head_dim: int, block_size: int,
+            dtype: torch.dtype, device: torch.device, max_num_seqs: int) -> tuple[int, float]:
+    """Compile, at start-up, every variant of the Triton paged attention kernel that serving can reach
+    (`warm_up_steps`); returns (variants, seconds). A no-op (0 variants) unless the backend is
+    "triton" on CUDA: the interpreter compiles nothing."""
+    if backend != "triton" or device.type != "cuda":
+        return 0, 0.0
+    started = time.perf_counter()
+    steps = warm_up_steps(kv_heads, model_windows(model), max_num_seqs, device)
+    launch_warm_up_steps(steps, num_heads, kv_heads, head_dim, block_size, dtype, device)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    log.info("compiled %d paged-attention variants in %.1f s", len(steps), seconds)
+    return len(steps), seconds

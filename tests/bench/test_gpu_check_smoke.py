@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def gpu_check(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the script sets it to 1 on import; restored afterwards
     spec.loader.exec_module(module)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
@@ -43,9 +45,17 @@ def test_smoke_runs_every_section(gpu_check, monkeypatch, tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert code == 0, {name: section.get("traceback") for name, section in sections.items()}
-    assert list(sections) == ["kernels", "attention", "engine", "nf4", "decode", "load", "train"]
+    assert list(sections) == ["preflight", "kernels", "attention", "engine", "nf4", "decode", "load", "train"]
     assert all(section["status"] == "ok" for section in sections.values())
     assert report["environment"]["smoke"] is True
+    assert list(report)[0] == "sections"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by the script before transformers was imported
+
+    preflight = sections["preflight"]
+    for check in ("c_compiler", "python_h", "accelerate"):
+        assert preflight[check]["ok"] is True and preflight[check]["missing"] is None
+    assert Path(preflight["c_compiler"]["path"]).is_file() and Path(preflight["python_h"]["path"]).is_file()
+    assert preflight["missing"] == []
 
     kernels = sections["kernels"]
     assert kernels["cases"] and all(case["ok"] for case in kernels["cases"])
@@ -85,6 +95,18 @@ def test_a_failing_section_is_recorded_and_the_next_runs(gpu_check, monkeypatch,
     sections = json.loads(out.read_text())["sections"]
     assert sections["kernels"]["status"] == "error" and "planted failure" in sections["kernels"]["traceback"]
     assert sections["load"]["status"] == "ok"
+    assert list(sections) == ["preflight", "kernels", "load"]  # preflight runs whatever the sections
+
+
+def test_preflight_says_plainly_what_is_missing(gpu_check, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate raises ImportError
+    preflight = gpu_check.section_preflight(None)
+    assert preflight["ok"] is False and preflight["python_h"]["ok"] is True
+    assert not preflight["c_compiler"]["ok"] and not preflight["accelerate"]["ok"]
+    assert len(preflight["missing"]) == 2
+    assert "no C compiler" in preflight["missing"][0] and "Triton launch on CUDA fails" in preflight["missing"][0]
+    assert "accelerate does not import" in preflight["missing"][1] and "nf4" in preflight["missing"][1]
 
 
 def test_without_cuda_the_full_run_refuses_and_points_to_smoke(monkeypatch, capsys):

@@ -113,10 +113,11 @@ def test_padding_sequences_leave_their_rows_and_bad_inputs_raise():
         paged_attention(q, k_cache, v_cache, out, bt, starts, lens, 1, BLOCK, 1.0, window=0)
 
 
-@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("splits", [2, 4, 5, 8, 16])
 def test_decode_keys_split_over_programs_and_merged(splits):
-    """Split-KV decode (what a small batch gets on a GPU): some splits get no keys at all (length 1,
-    and 5 splits of a 3-tile context), a window, GQA, a padding sequence."""
+    """Split-KV decode (what a small batch gets on a GPU: a power of two; 5 only as a config override):
+    some splits get no keys at all (length 1, and 5 or more splits of a 3-tile context), a window, GQA,
+    a padding sequence."""
     query_lens, kv_lens = [1, 1, 1, 1], [1, 9, 40, 33]
     q, k_cache, v_cache, tables, skips = make_case(query_lens, kv_lens, 6, 2, 16, torch.float32, seed=splits)
     config = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1, "num_splits": splits}
