@@ -283,7 +283,11 @@ class ModelRunner:
     def prepare_decode_graphs(self, max_seqs: int) -> None:
         """Capture decode steps of up to `max_seqs` sequences as CUDA graphs, unless the config says
         enforce_eager, the device is not CUDA, the model runs its transformers forward, or the attention
-        backend is not graph-safe (`attention.graph_safe`)."""
+        backend is not graph-safe (`attention.graph_safe`). First compiles every paged-attention variant an
+        eager step can reach (`attention.warm_up`; CUDA only), so no step compiles one while serving."""
+        attention.warm_up(self.attention_backend, self.model, num_heads=self.hf_config.num_attention_heads,
+                          kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size,
+                          dtype=self.dtype, device=self.device, max_num_seqs=max_seqs)
         if self.config.enforce_eager or self.device.type != "cuda" or self.decoder is None:
             return
         if not attention.graph_safe(self.attention_backend):
