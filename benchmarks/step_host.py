@@ -61,9 +61,9 @@ def run(runner, batch: int, context: int, steps: int, churn: bool) -> dict:
     sent = []
     send = graphs.buffers.send
 
-    def timed_send(nbytes=None):  # a synchronous memcpy on the CPU, an asynchronous DMA on CUDA: apart
+    def timed_send(*args):  # a synchronous memcpy on the CPU, an asynchronous DMA on CUDA: apart
         started = time.perf_counter()
-        send(nbytes)
+        send(*args)
         sent.append(time.perf_counter() - started)
 
     graphs.buffers.send = timed_send
