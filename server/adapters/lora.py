@@ -76,7 +76,7 @@ class LoRAStepContext:
     meta: LoRAMeta | None = None
     """This step's slot layout; None when no token of the step uses an adapter."""
     rows: torch.Tensor | None = None
-    """[tokens] long: each token's slot, with the base model's -1 mapped to the row of ones."""
+    """[tokens] long: each token's slot, the base model's -1 mapped to the vector tables' identity row (the last)."""
     has_lora: bool = False
     """Run the LoRA op (some token's slot holds LoRA or DoRA weights)."""
     scale_rows: bool = False
