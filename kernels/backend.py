@@ -32,6 +32,7 @@ from torch import nn
 from . import devices, reference, torch_ops
 from .checks import resolve_slices
 from .meta import LoRAMeta
+from .triton import configs
 
 BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
 LORA_OPS = ("triton", "native", "torch", "reference")
@@ -131,6 +132,11 @@ class Backend:
         from `prepare_pool`, `step` from `begin_step`; v: scratch (default the meta's workspace). Returns y."""
         return run_lora_op(self.lora_op, x, y, pool, step, v, self.plans)
 
+    def warm_up(self, pools: Sequence[LoRAPoolTensors]) -> int:
+        """Compile, at start-up, whatever the LoRA op compiles on first use; returns the launches made.
+        Nothing to compile here."""
+        return 0
+
     # ------------------------------------------------------------------ decoder layers' element-wise steps
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
                      norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +200,29 @@ class TritonBackend(Backend):
 
     def default_lora_op(self) -> str:
         return "triton"
+
+    def warm_up(self, pools: Sequence[LoRAPoolTensors]) -> int:
+        """Launch shrink and expand once per distinct pool shape and shape class (decode, prefill) on an
+        empty layout (every token without an adapter: the programs exit at once), so that every variant
+        serving reaches is compiled now. A variant is fixed by the shape class's tile sizes, the pool's
+        shapes and dtypes and the group's slices; nothing else of a step selects one."""
+        if self.lora_op != "triton":
+            return 0
+        launches = 0
+        seen = set()
+        for pool in pools:
+            key = (tuple(pool.a.shape), tuple(pool.b_t.shape), pool.a.dtype, tuple(pool.slice_widths))
+            if key in seen:
+                continue
+            seen.add(key)
+            for tokens in (1, configs.DECODE_MAX_TOKENS + 1):
+                meta = LoRAMeta.allocate(tokens, pool.a.shape[1], self.device, max_slices=pool.a.shape[0],
+                                         max_rank=pool.a.shape[2]).update([-1] * tokens)
+                x = torch.zeros(tokens, pool.a.shape[3], dtype=pool.a.dtype, device=self.device)
+                y = torch.zeros(tokens, pool.out_total, dtype=self.dtype, device=self.device)
+                self.lora_apply(x, y, pool, None, self.begin_step(meta))
+                launches += 2
+        return launches
 
 
 def select(device: torch.device | str, dtype: torch.dtype, pool_dtype: torch.dtype | None = None) -> Backend:

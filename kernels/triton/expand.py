@@ -31,7 +31,9 @@ MAX_SLICES = 4
 
 # The step layout's tables sit at offsets that change when the runner regrows it: no specializing on
 # their alignment (each is read per tile or gathered from a data-dependent start).
-@triton.jit(do_not_specialize_on_alignment=["tile_slot_ptr", "tile_start_ptr", "tile_len_ptr", "token_order_ptr"])
+# stride_v_i is T·max_rank: its divisibility by 16 would follow the step's token count
+@triton.jit(do_not_specialize=["stride_v_i"],
+            do_not_specialize_on_alignment=["tile_slot_ptr", "tile_start_ptr", "tile_len_ptr", "token_order_ptr"])
 def _expand_kernel(
     # pointers
     v_ptr,            # [num_slices, T, R] fp32 or B_t's dtype

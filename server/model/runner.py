@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -280,14 +281,26 @@ class ModelRunner:
             meta.segments = None if meta.segments is None else list(meta.segments)
         return meta
 
-    def prepare_decode_graphs(self, max_seqs: int) -> None:
-        """Capture decode steps of up to `max_seqs` sequences as CUDA graphs, unless the config says
-        enforce_eager, the device is not CUDA, the model runs its transformers forward, or the attention
-        backend is not graph-safe (`attention.graph_safe`). First compiles every paged-attention variant an
-        eager step can reach (`attention.warm_up`; CUDA only), so no step compiles one while serving."""
+    def warm_up(self, max_seqs: int) -> None:
+        """Compile every paged-attention variant (`attention.warm_up`) and LoRA kernel variant
+        (`Backend.warm_up`) serving can reach, so that no step compiles one while serving (CUDA only)."""
         attention.warm_up(self.attention_backend, self.model, num_heads=self.hf_config.num_attention_heads,
                           kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size,
                           dtype=self.dtype, device=self.device, max_num_seqs=max_seqs)
+        if self.device.type != "cuda":
+            return
+        started = time.perf_counter()
+        pools = list({id(module.group): module.group.pool for module in self.lora_table.values()}.values())
+        launches = self.backend.warm_up(pools)
+        torch.cuda.synchronize(self.device)
+        log.info("compiled the LoRA kernels' variants (%d launches) in %.1f s", launches, time.perf_counter() - started)
+
+    def prepare_decode_graphs(self, max_seqs: int) -> None:
+        """Capture decode steps of up to `max_seqs` sequences as CUDA graphs, unless the config says
+        enforce_eager, the device is not CUDA, the model runs its transformers forward, or the attention
+        backend is not graph-safe (`attention.graph_safe`). First compiles every kernel variant an eager
+        step can reach (`warm_up`)."""
+        self.warm_up(max_seqs)
         if self.config.enforce_eager or self.device.type != "cuda" or self.decoder is None:
             return
         if not attention.graph_safe(self.attention_backend):

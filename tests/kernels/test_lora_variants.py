@@ -31,3 +31,32 @@ def test_one_variant_whatever_the_layout_size(monkeypatch):
         assert len(recorder.keys) == 2
         variants.add(frozenset(recorder.keys))
     assert len(variants) == 1
+
+
+def test_warm_up_compiles_every_variant_serving_launches(monkeypatch):
+    """`TritonBackend.warm_up` at start-up launches every (pool shape, shape class) variant; steps of any
+    token count then launch nothing new. max_rank 8: the scratch's stride T·8 is a multiple of 16 for
+    even T only, which must not select a variant."""
+    from loraplex.kernels.backend import TritonBackend
+    from loraplex.server.adapters.lora import LoRAPool
+
+    recorder = Recorder()
+    monkeypatch.setattr(shrink, "for_current_mode", recorder)
+    monkeypatch.setattr(expand, "for_current_mode", recorder)
+    backend = TritonBackend("cpu", torch.float16)
+    pools = [LoRAPool(64, [48, 16, 16], 4, 8, torch.float16, torch.device("cpu")),
+             LoRAPool(128, [64], 4, 8, torch.float16, torch.device("cpu")),
+             LoRAPool(64, [48, 16, 16], 4, 8, torch.float16, torch.device("cpu"))]  # same shapes as the first
+    assert backend.warm_up(pools) == 8
+    warmed = set(recorder.keys)
+    recorder.keys.clear()
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 3, 16, 17, 128, 129, 200, 513):
+        slots = torch.randint(-1, 4, (tokens,), generator=generator).sort().values.tolist()
+        slots = [s for s in slots if s >= 0] + [s for s in slots if s < 0]
+        meta = LoRAMeta.allocate(1024, 4, "cpu", max_slices=3, max_rank=8).update(slots, contiguous=True)
+        for pool in pools:
+            x = torch.zeros(tokens, pool.in_features, dtype=torch.float16)
+            backend.lora_apply(x, torch.zeros(tokens, pool.out_total, dtype=torch.float16), pool, None,
+                               backend.begin_step(meta))
+    assert recorder.keys <= warmed, f"{len(recorder.keys - warmed)} variants serving launches are not warmed up"
