@@ -167,24 +167,28 @@ class DecodeGraphs:
         present = {id(item.block_table) for item in inputs}
         for key in [key for key in self._table_of if key not in present]:
             heapq.heappush(self._free_rows, self._table_of.pop(key)[0])  # its sequence left the batch
-        order = sorted(range(n), key=lambda i: (inputs[i].slot < 0, inputs[i].slot))
-        token_ids, positions, slots, lora_rows, table_rows, lengths = ([] for _ in range(6))
+        by_slot: dict[int, list[int]] = {}  # the LoRA layout: rows grouped by slot, ascending, -1 last
+        for i, item in enumerate(inputs):
+            by_slot.setdefault(item.slot, []).append(i)
+        runs = [[slot, len(by_slot[slot])] for slot in sorted(by_slot, key=lambda slot: slot % (no_adapter + 1))]
+        token_ids, positions, slots, lora_rows, table_rows = [], [], [], [], []
         keep = list(range(size))  # logits come out in input order, then the padding rows
-        runs: list[list[int]] = []  # [slot, rows]: the LoRA layout
-        for row, i in enumerate(order):
-            item = inputs[i]
-            start, table, slot = item.start, item.block_table, item.slot
-            keep[i] = row
-            token_ids.append(item.token_ids[0])
-            positions.append(start)
-            slots.append(table[start // bs] * bs + start % bs)
-            lengths.append(start + 1)
-            lora_rows.append(slot if slot >= 0 else no_adapter)
-            table_rows.append(self._table_row(table))
-            if runs and runs[-1][0] == slot:
-                runs[-1][1] += 1
-            else:
-                runs.append([slot, 1])
+        table_of = self._table_of
+        row = 0
+        for slot, _ in runs:
+            lora_row = slot if slot >= 0 else no_adapter
+            for i in by_slot[slot]:
+                item = inputs[i]
+                start, table = item.start, item.block_table
+                keep[i] = row
+                row += 1
+                token_ids.append(item.token_ids[0])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                lora_rows.append(lora_row)
+                entry = table_of.get(id(table))
+                table_rows.append(entry[0] if entry is not None and entry[2] == len(table) else self._table_row(table))
+        lengths = [position + 1 for position in positions]
         pad = size - n
         scratch_slot = runner.scratch_block * bs
         self._small[:, :size] = [token_ids + [0] * pad, positions + [0] * pad, slots + [scratch_slot] * pad, keep,
