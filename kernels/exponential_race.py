@@ -57,11 +57,9 @@ def uniforms(
     vocab: int,
 ) -> torch.Tensor:  # [M, vocab] float32 in (0, 1)
     seeds, draws = seeds.long()[:, None], draws.long()[:, None]
-    v = torch.arange(vocab, device=seeds.device)[None, :]
-    zero = torch.zeros_like(v)
-    words = philox4x32(v >> 2, draws & M32, draws >> 32, zero, seeds & M32, (seeds >> 32) & M32)
-    word = v & 3
-    x = torch.where(word == 0, words[0], torch.where(word == 1, words[1], torch.where(word == 2, words[2], words[3])))
+    counter = torch.arange(-(-vocab // 4), device=seeds.device)[None, :]  # one Philox call serves 4 tokens
+    words = philox4x32(counter, draws & M32, draws >> 32, torch.zeros_like(counter), seeds & M32, (seeds >> 32) & M32)
+    x = torch.stack(words, dim=-1).flatten(1)[:, :vocab]  # token v: word v % 4 of counter v // 4
     return ((x >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
 
 
