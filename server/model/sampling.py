@@ -312,7 +312,8 @@ class Sampler:
                     start = 0
                     ints["fresh"].append(state.row)
                 base = state.row * vocab
-                ints["marks"].extend(base + t for t in history[start:] if 0 <= t < vocab)  # ids beyond the head: no logit
+                # ids beyond the head (an embedding larger than lm_head) have no logit to penalise
+                ints["marks"].extend(base + t for t in history[start:] if 0 <= t < vocab)
                 marked.append((key, state, len(history)))
                 ints["penalised"].append(i)
                 ints["mask_row"].append(state.row)
