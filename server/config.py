@@ -139,6 +139,6 @@ class EngineConfig:
     scheduler: SchedulerConfig | None = None
     """None: derived from the model (max_model_len) and the adapter slots."""
     seed: int = 0
-    """Seeds the generators of sampled requests that bring no seed of their own."""
+    """Seeds the engine's RNG that draws a seed for each sampled request that brings none."""
     enforce_eager: bool = False
     """Run decode steps eagerly on CUDA too (no CUDA graphs: for debugging and profiling)."""

@@ -27,8 +27,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-import torch
-
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.store import AdapterInfo, AdapterStore
 from loraplex.server.engine.block_manager import BlockManager
@@ -37,7 +35,7 @@ from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopCheck
 from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.model.runner import ModelRunner, StepInput
-from loraplex.server.model.sampling import Sampler, SamplingParams, make_generator
+from loraplex.server.model.sampling import Sampler, SamplingParams
 from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from loraplex.server.engine.sequence import Sequence
 
@@ -122,7 +120,8 @@ class _RequestState:
     sink: Callable[[RequestOutput], None]
     detokenizer: IncrementalDetokenizer
     stop_checker: StopChecker
-    generator: torch.Generator | None
+    seed: int | None
+    """Keys the request's noise (its own seed, or one the engine drew); None for greedy requests."""
     max_new_tokens: int
     adapter_key: str | None
     kind: AdapterKind | None
@@ -147,7 +146,9 @@ class LLMEngine:
         self._wake = threading.Event()
         self.store = AdapterStore(config.adapters, self.runner.base_spec, self.runner.host_tier,
                                   on_ready=self._wake.set)
-        self.sampler = Sampler()
+        head = self.runner.model.get_output_embeddings()
+        self.sampler = Sampler(getattr(head, "out_features", None) or head.weight.shape[0], self.runner.device,
+                               max_rows=self.scheduler.config.max_num_seqs)
         self._seeds = random.Random(config.seed)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
@@ -198,11 +199,9 @@ class LLMEngine:
             problem = self.scheduler.check_admissible(len(prompt_ids), max_new_tokens, kv_virtual)
             if problem is not None:
                 raise problem
-            generator = None if params.greedy else make_generator(
-                params.seed if params.seed is not None else self._seeds.getrandbits(63), self.runner.device
-            )
+            seed = None if params.greedy else params.seed if params.seed is not None else self._seeds.getrandbits(64)
             state = _RequestState(request, sink, IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                                  StopChecker(params.stop), generator, max_new_tokens, adapter_key, kind, num_virtual)
+                                  StopChecker(params.stop), seed, max_new_tokens, adapter_key, kind, num_virtual)
             seq = Sequence(request.request_id, prompt_ids, max_new_tokens=max_new_tokens, adapter_key=adapter_key,
                            num_virtual_positions=kv_virtual,
                            num_shared_positions=kv_virtual if kind is AdapterKind.PREFIX else 0,
@@ -347,17 +346,18 @@ class LLMEngine:
             self.store.loaded(time.perf_counter() - started)
         inputs = [self._step_input(s.seq, s.num_new_tokens, slots.get(s.seq.adapter_key, -1), s.samples)
                   for s in items]
-        logits = self.runner.execute(inputs)
         sampling = [s.seq for s in items if s.samples]
         if not sampling:
+            self.runner.execute(inputs)
             return {}, {}
-        tokens, logprobs = self.sampler.sample(
-            logits,
-            [seq.extra.request.sampling for seq in sampling],
-            [seq.extra.generator for seq in sampling],
-            [seq.token_ids for seq in sampling],
-        )
         ids = [seq.seq_id for seq in sampling]
+        # per-row parameters ride in the step's one copy; the draw number is the tokens sampled so far
+        batch = self.sampler.prepare([seq.extra.request.sampling for seq in sampling],
+                                     [seq.extra.seed for seq in sampling],
+                                     [seq.num_output_tokens for seq in sampling],
+                                     [seq.token_ids for seq in sampling], ids)
+        logits = self.runner.execute(inputs, batch.attach)
+        tokens, logprobs = self.sampler.sample(logits, batch)
         return dict(zip(ids, tokens)), dict(zip(ids, logprobs))
 
     def _isolate(self, items: list[ScheduledSequence],
@@ -368,7 +368,8 @@ class LLMEngine:
         The sequences run again split by adapter; a group that still fails is halved down to single
         sequences. Nothing a failed run did survives it: the scheduler has not advanced, the KV
         positions it wrote are written again by each sequence's successful run (before anything reads
-        them), and the sampler restores the generators it drew from when it raises. Only this path
+        them), and a sampled row's noise depends on its seed and output length only, which a failed
+        run does not advance (nor the penalty mask's marked counts). Only this path
         pays for the search; a step that does not raise costs nothing more.
         """
         self.num_step_failures += 1
@@ -521,6 +522,7 @@ class LLMEngine:
                 return
         if state.adapter_key is not None:
             self.store.release(state.adapter_key)
+        self.sampler.release(seq.seq_id)
         output.prompt_tokens = seq.num_prompt_tokens
         output.completion_tokens = seq.num_output_tokens
         state.sink(output)

@@ -7,26 +7,48 @@ One step of the engine hands the sampler the last-position logits of every runni
                                  └─ / temperature ─ top-k ─ top-p ─ draw           (sampled)
     logprob = log_softmax(raw logits)[token]     (the model's own distribution, as peft reports it)
 
-Each sampled row draws only from its request's own `torch.Generator` (an exponential race over the
-vocabulary, consuming exactly V random numbers per step), so a seeded request gives the same tokens
-whatever else is in the batch.
+A step samples in two halves, so that nothing but the result crosses between host and device:
+
+    batch = sampler.prepare(params, seeds, draws, histories, keys)  # host: per-row arrays, 2 CPU tensors
+    logits = runner.execute(inputs, batch.attach)                   # they ride in the step's one copy
+    tokens, logprobs = sampler.sample(logits, batch)                # device work, one read back
+
+(`sample_direct` does both halves without a runner, sending the arrays with `.to`.) Row subsets,
+temperatures, top-k/top-p, penalties, seeds and draw numbers are all in the batch; host-known sizes
+(how many rows are greedy, the largest top-k) shape the device work as Python ints.
+
+Draws: no generator objects. A sampled row races Philox noise keyed by its request's 64-bit seed, at
+counter (token, draw number), the draw number being how many tokens the request sampled before
+(`kernels/exponential_race.py`; on CUDA one Triton launch for every sampled row). Worked example: seed
+7, third output token (draw 2): token 5's uniform is word 1 of Philox4x32-10(key (7, 0), counter
+(1, 2, 0, 0)). It depends on nothing else, so a seeded request gives the same tokens alone or in any
+batch and row, and a failed step rerun draws the same numbers (the draw number advances only with the
+sequence's output).
+
+Repetition penalty: `Sampler.seen [max_rows, V]` (bool, on the device) marks each penalised sequence's
+history tokens (prompt + output) in its own row, taken the first time it samples with a penalty and
+kept until `release`. The host counts how many history tokens a row has marked, so a step sends only
+the new ones (the whole history the first time, then the previous sampled token). Marking is
+idempotent and the count advances only when `sample` returns, so a failed step does no harm. When
+every row is held, a sequence absent from the step gives its row up and re-marks its history later.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import chain
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
+from loraplex.kernels.exponential_race import exponential_race, seed_bits
 from loraplex.server.errors import InvalidArgument
+from loraplex.server.model.step_buffers import StepAttachment
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**64 - 1
-"""torch.Generator.manual_seed takes any unsigned 64-bit value (proto: uint64)."""
+"""Seeds are unsigned 64-bit (proto: uint64): Philox's 64-bit key."""
 
 
 def _is_int(value) -> bool:
@@ -48,8 +70,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """HF's CTRL-style penalty on tokens of the prompt and the output; 1 turns it off. Finite, > 0."""
     seed: int | None = None
-    """Seeds this request's own generator: same seed, same tokens (on a GPU: for the same batches, see
-    docs/api.md). None: seeded from torch's RNG."""
+    """Keys this request's noise: same seed, same tokens, whatever else is in the batch (on a GPU up to
+    logits differences, see docs/api.md). None: the engine draws one from its own seeded RNG."""
     max_new_tokens: int = 16
     """Generation stops after this many new tokens. >= 1."""
     stop: tuple[str, ...] = ()
@@ -127,73 +149,42 @@ class SamplingParams:
         )
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
-    """The generator a request samples from, on the device of the logits.
-
-    seed None draws the seed from torch's default generator, so `torch.manual_seed` makes unseeded
-    requests reproducible too (tests), while in service they differ from each other."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**63 - 1, ()).item())
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 def apply_repetition_penalty(
-    logits: torch.Tensor,  # [N, V]
-    penalties: Sequence[float],
-    previous_tokens: Sequence[Sequence[int]],
-) -> torch.Tensor:  # [N, V], a new tensor unless no row is penalised
-    """Hugging Face's `RepetitionPenaltyLogitsProcessor`, each row with its own penalty: for every
-    token in the row's previous tokens, a logit < 0 is multiplied by the penalty, others divided."""
-    rows = [i for i, p in enumerate(penalties) if p != 1.0 and len(previous_tokens[i]) > 0]
-    if not rows:
-        return logits
-    vocab = logits.shape[1]
-    device = logits.device
-    lengths = torch.tensor([len(previous_tokens[i]) for i in rows])
-    cols = torch.tensor(list(chain.from_iterable(previous_tokens[i] for i in rows)), dtype=torch.long)
-    # ids outside the head (embedding vocab larger than lm_head) go to a spare column, dropped below
-    cols = torch.where((cols < 0) | (cols >= vocab), vocab, cols)
-    row_of_col = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    mask = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
-    mask[row_of_col.to(device), cols.to(device)] = True  # duplicate ids set the same flag twice: fine
-    row_index = torch.tensor(rows, device=device)
-    penalty = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype, device=device)[:, None]
-    selected = logits[row_index]
-    penalised = torch.where(selected < 0, selected * penalty, selected / penalty)
-    out = logits.clone()
-    out[row_index] = torch.where(mask[:, :vocab], penalised, selected)
-    return out
+    logits: torch.Tensor,   # [N, V]
+    rows: torch.Tensor,     # [P] int64, the penalised rows of logits
+    penalty: torch.Tensor,  # [P] float32, each != 1
+    seen: torch.Tensor,     # [P, V] bool, the tokens each penalised row has seen
+) -> torch.Tensor:  # [N, V], a new tensor
+    """Hugging Face's `RepetitionPenaltyLogitsProcessor`, each row with its own penalty: a seen token's
+    logit < 0 is multiplied by the penalty, others divided."""
+    selected = logits.index_select(0, rows)
+    factor = penalty.to(logits.dtype)[:, None]
+    penalised = torch.where(selected < 0, selected * factor, selected / factor)
+    return logits.index_copy(0, rows, torch.where(seen, penalised, selected))
 
 
 def apply_temperature_top_k_top_p(
-    logits: torch.Tensor,  # [M, V]
-    temperatures: Sequence[float],  # each > 0
-    top_ks: Sequence[int],  # 0 = off
-    top_ps: Sequence[float],  # 1 = off
+    logits: torch.Tensor,       # [M, V]
+    temperature: torch.Tensor,  # [M] float32, each > 0
+    top_k: torch.Tensor,        # [M] int64, 0 = off, else < V
+    top_p: torch.Tensor,        # [M] float32, 1 = off
+    max_top_k: int,             # the largest top_k (host-known; 0: no row filters by top-k)
+    any_top_p: bool,            # whether some top_p < 1 (host-known)
 ) -> torch.Tensor:  # [M, V], removed tokens at -inf
     """Hugging Face's Temperature, TopK and TopP warpers in that order, each row with its own values.
 
     Rows are shifted by their maximum first: the same distribution, but a tiny temperature cannot
     overflow the scaled logits to inf (which would make the softmax NaN)."""
-    device = logits.device
-    vocab = logits.shape[1]
-    temperature = torch.tensor(temperatures, dtype=logits.dtype, device=device)[:, None]
-    scores = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-
-    active_k = [0 < k < vocab for k in top_ks]
-    if any(active_k):
-        k = torch.tensor([k if a else 1 for k, a in zip(top_ks, active_k)], device=device)
-        top = torch.topk(scores, max(k if a else 1 for k, a in zip(top_ks, active_k))).values  # host max: no sync
-        kth = top.gather(1, (k - 1)[:, None])
-        kth = torch.where(torch.tensor(active_k, device=device)[:, None], kth, -math.inf)
+    scores = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.to(logits.dtype)[:, None]
+    if max_top_k > 0:
+        top = torch.topk(scores, max_top_k).values
+        kth = top.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        kth = torch.where((top_k > 0)[:, None], kth, -math.inf)
         scores = scores.masked_fill(scores < kth, -math.inf)  # ties with the k-th all stay, as in HF
-
-    if any(p < 1.0 for p in top_ps):
+    if any_top_p:
         sorted_scores, sorted_index = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        threshold = 1 - torch.tensor(top_ps, dtype=cumulative.dtype, device=device)[:, None]
+        threshold = 1 - top_p.to(cumulative.dtype)[:, None]
         remove = cumulative <= threshold  # top_p == 1 removes only tokens of probability 0
         remove[:, -1] = False  # the most likely token always stays
         remove = remove.scatter(1, sorted_index, remove)
@@ -201,72 +192,200 @@ def apply_temperature_top_k_top_p(
     return scores
 
 
+INT_FIELDS = ("greedy", "sampled", "top_k", "seed", "draw", "penalised", "mask_row", "fresh", "marks")
+FLOAT_FIELDS = ("temperature", "top_p", "penalty")
+"""The arrays of a `SampleBatch`, packed in this order into one int64 and one float32 tensor:
+greedy/sampled/penalised: row indices of logits; top_k, seed (a uint64's bits), draw, temperature,
+top_p: one per sampled row; mask_row, penalty: one per penalised row; fresh: mask rows to clear;
+marks: flat indices row * V + token of `Sampler.seen` to set."""
+
+
+@dataclass
+class _MaskRow:
+    row: int
+    """The sequence's row of `Sampler.seen`."""
+    marked: int = 0
+    """History tokens [0, marked) are set in the row (advanced when `sample` returns)."""
+
+
+@dataclass
+class SampleBatch:
+    """A step's sampling as the host prepared it: every per-row value in `attach` (host arrays; the
+    runner fills in device views), and the sizes, known on the host, that shape the device work."""
+
+    attach: StepAttachment
+    fields: dict[str, tuple[int, int, int]]
+    """Name -> (array, start, stop) in `attach`."""
+    num_rows: int
+    num_greedy: int
+    num_penalised: int
+    max_top_k: int
+    any_top_p: bool
+    marked: list[tuple[Hashable, _MaskRow, int]]
+    """(key, its mask row, history length) to record once the marks are on the device."""
+    one_off: list[Hashable]
+    """Keys of rows without a sequence, released when `sample` ends."""
+
+    def views(self) -> dict[str, torch.Tensor]:
+        arrays = self.attach.device
+        if len(arrays) != len(self.attach.host):
+            raise RuntimeError("the sample batch was not sent: pass batch.attach to runner.execute")
+        return {name: arrays[a][start:stop] for name, (a, start, stop) in self.fields.items()}
+
+
 class Sampler:
-    """Chooses the next token of every row of a step; stateless apart from the fallback generator."""
+    """Chooses the next token of every row of a step: `prepare` on the host, `sample` on the device.
 
-    def __init__(self) -> None:
-        self._fallback: dict[torch.device, torch.Generator] = {}
+    Owns the repetition-penalty mask `seen [max_rows, vocab]` (bool, on the device), one row per
+    sequence that samples with a penalty, kept until `release`."""
 
-    def _fallback_generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._fallback:
-            self._fallback[device] = make_generator(None, device)
-        return self._fallback[device]
+    def __init__(self, vocab: int, device: torch.device | str = "cpu", max_rows: int = 256) -> None:
+        if not (_is_int(vocab) and vocab >= 1 and _is_int(max_rows) and max_rows >= 1):
+            raise ValueError(f"vocab and max_rows must be integers >= 1, got {vocab!r} and {max_rows!r}")
+        self.vocab = vocab
+        self.seen = torch.zeros(max_rows, vocab, dtype=torch.bool, device=device)
+        self._free = list(range(max_rows - 1, -1, -1))  # mask rows no sequence holds
+        self._rows: dict[Hashable, _MaskRow] = {}
+
+    def release(self, key: Hashable) -> None:
+        """The sequence `key` ended: its mask row (if any) goes back to the free rows."""
+        state = self._rows.pop(key, None)
+        if state is not None:
+            self._free.append(state.row)
+
+    def _take_row(self, keep: set) -> int:
+        if self._free:
+            return self._free.pop()
+        for key in self._rows:  # the oldest holder not in this step; it re-marks when it samples again
+            if key not in keep:
+                return self._rows.pop(key).row
+        raise ValueError(f"more penalised rows in one step than the sampler's {self.seen.shape[0]} mask rows")
+
+    def prepare(
+        self,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int | None],        # per row, in [0, 2**64); None only for greedy rows
+        draws: Sequence[int],               # per row, tokens the request sampled before
+        histories: Sequence[Sequence[int]],  # per row, prompt + output so far
+        keys: Sequence[Hashable] | None = None,  # per row, the sequence (its mask row); None: one-off rows
+    ) -> SampleBatch:
+        """Host work only: the step's per-row arrays, to send with the step (`batch.attach`)."""
+        n = len(params)
+        if not len(seeds) == len(draws) == len(histories) == n or (keys is not None and len(keys) != n):
+            raise ValueError("prepare takes one seed, draw number and history (and key) per row")
+        one_off: list[Hashable] = []
+        if keys is None:
+            keys = one_off = [object() for _ in range(n)]
+        elif len(set(keys)) != n:
+            raise ValueError("a key appears twice in one step")
+        vocab = self.vocab
+        ints: dict[str, list[int]] = {name: [] for name in INT_FIELDS}
+        floats: dict[str, list[float]] = {name: [] for name in FLOAT_FIELDS}
+        marked: list[tuple[Hashable, _MaskRow, int]] = []
+        in_step = set(keys)
+        max_top_k, any_top_p = 0, False
+        for i, p in enumerate(params):
+            if p.greedy:
+                ints["greedy"].append(i)
+            else:
+                seed, draw = seeds[i], draws[i]
+                if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+                    raise ValueError(f"row {i} samples: its seed must be an integer in [0, 2**64), got {seed!r}")
+                if not (_is_int(draw) and 0 <= draw < 2**63):
+                    raise ValueError(f"row {i}: the draw number must be an integer in [0, 2**63), got {draw!r}")
+                top_k = p.top_k if p.top_k < vocab else 0  # k >= V keeps every token
+                max_top_k = max(max_top_k, top_k)
+                any_top_p = any_top_p or p.top_p < 1
+                ints["sampled"].append(i)
+                ints["top_k"].append(top_k)
+                ints["seed"].append(seed_bits(seed))
+                ints["draw"].append(draw)
+                floats["temperature"].append(p.temperature)
+                floats["top_p"].append(p.top_p)
+            if p.repetition_penalty != 1.0:
+                key, history = keys[i], histories[i]
+                state = self._rows.get(key)
+                if state is None:
+                    state = self._rows[key] = _MaskRow(self._take_row(in_step))
+                start = state.marked
+                if start == 0 or start > len(history):  # new row (or a history that shrank): clear it
+                    start = 0
+                    ints["fresh"].append(state.row)
+                base = state.row * vocab
+                # ids beyond the head (an embedding larger than lm_head) have no logit to penalise
+                ints["marks"].extend(base + t for t in history[start:] if 0 <= t < vocab)
+                marked.append((key, state, len(history)))
+                ints["penalised"].append(i)
+                ints["mask_row"].append(state.row)
+                floats["penalty"].append(p.repetition_penalty)
+        fields: dict[str, tuple[int, int, int]] = {}
+        packed: tuple[list[int], list[float]] = ([], [])
+        for array, names, values in ((0, INT_FIELDS, ints), (1, FLOAT_FIELDS, floats)):
+            for name in names:
+                start = len(packed[array])
+                packed[array].extend(values[name])
+                fields[name] = (array, start, len(packed[array]))
+        attach = StepAttachment([torch.tensor(packed[0], dtype=torch.int64),
+                                 torch.tensor(packed[1], dtype=torch.float32)])
+        return SampleBatch(attach, fields, n, len(ints["greedy"]), len(ints["penalised"]), max_top_k, any_top_p,
+                           marked, one_off)
+
+    @torch.no_grad()
+    def penalise(self, logits: torch.Tensor, batch: SampleBatch) -> torch.Tensor:  # [N, V]
+        """Mark the batch's new history tokens in `seen`, then apply the repetition penalty."""
+        if batch.num_penalised == 0:
+            return logits
+        f = batch.views()
+        if f["fresh"].numel():
+            self.seen.index_fill_(0, f["fresh"], False)
+        if f["marks"].numel():
+            self.seen.view(-1).index_fill_(0, f["marks"], True)
+        return apply_repetition_penalty(logits, f["penalised"], f["penalty"], self.seen.index_select(0, f["mask_row"]))
 
     @torch.no_grad()
     def sample(
         self,
         logits: torch.Tensor,  # [N, V] float32, last position of each sequence
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator | None],  # per row; None: a sampler-wide one
-        previous_tokens: Sequence[Sequence[int]],  # per row, prompt + output so far
+        batch: SampleBatch,    # prepared for these rows, sent with the step
     ) -> tuple[list[int], list[float]]:
         n, vocab = logits.shape
-        assert len(params) == len(generators) == len(previous_tokens) == n, "one entry per logits row"
-        device = logits.device
-        tokens = torch.empty(n, dtype=torch.long, device=device)
-
-        scores = apply_repetition_penalty(
-            logits, [p.repetition_penalty for p in params], previous_tokens
-        )
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if len(greedy) == n:
-            tokens = scores.argmax(dim=-1)
-        elif greedy:
-            index = torch.tensor(greedy, device=device)
-            tokens[index] = scores[index].argmax(dim=-1)
-
-        if sampled:
-            index = torch.tensor(sampled, device=device)
-            warped = apply_temperature_top_k_top_p(
-                scores[index],
-                [params[i].temperature for i in sampled],
-                [params[i].top_k for i in sampled],
-                [params[i].top_p for i in sampled],
-            )
-            # Exponential race: argmax(p / q), q ~ Exp(1) i.i.d., picks token t with probability p[t];
-            # in log space so tokens whose probability underflows keep their (tiny) chance.
-            noise = torch.empty(len(sampled), vocab, dtype=torch.float32, device=device)
-        # (generator, state before its draw): a step that fails after drawing gives the draws back, so
-        # its requests draw the same noise when they run again (a host-side copy, no device sync)
-        drawn: list[tuple[torch.Generator, torch.Tensor]] = []
+        if n != batch.num_rows or vocab != self.vocab:
+            raise ValueError(f"logits of shape {(n, vocab)} for a batch of {batch.num_rows} rows over {self.vocab}")
         try:
-            if sampled:
-                for row, i in enumerate(sampled):
-                    generator = generators[i]
-                    if generator is None:
-                        generator = self._fallback_generator(device)
-                    drawn.append((generator, generator.get_state()))
-                    noise[row].exponential_(generator=generator)
-                noise.clamp_(min=torch.finfo(torch.float32).tiny)  # q == 0 would give -inf - -inf = NaN
-                tokens[index] = (warped - noise.log()).argmax(dim=-1)
-
+            f = batch.views()
+            scores = self.penalise(logits, batch)
+            if batch.num_greedy == n:
+                tokens = scores.argmax(dim=-1)
+            else:
+                tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+                if batch.num_greedy:
+                    tokens.index_copy_(0, f["greedy"], scores.index_select(0, f["greedy"]).argmax(dim=-1))
+                warped = apply_temperature_top_k_top_p(
+                    scores.index_select(0, f["sampled"]), f["temperature"], f["top_k"], f["top_p"],
+                    batch.max_top_k, batch.any_top_p)
+                tokens.index_copy_(0, f["sampled"], exponential_race(warped.float(), f["seed"], f["draw"]))
             chosen = logits.gather(1, tokens[:, None]).squeeze(1)
             logprobs = chosen.float() - torch.logsumexp(logits.float(), dim=-1)
             # one transfer (one synchronisation) for the whole step: token ids are exact in float64
             both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
-            return [int(token) for token in both[0]], both[1]
-        except BaseException:
-            for generator, state in reversed(drawn):
-                generator.set_state(state)
-            raise
+        finally:
+            for key in batch.one_off:
+                self.release(key)
+        for key, state, length in batch.marked:  # the marks are on the device now
+            if self._rows.get(key) is state:
+                state.marked = length
+        return [int(token) for token in both[0]], both[1]
+
+    def sample_direct(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int | None],
+        draws: Sequence[int],
+        histories: Sequence[Sequence[int]],
+        keys: Sequence[Hashable] | None = None,
+    ) -> tuple[list[int], list[float]]:
+        """`prepare` and `sample` without a runner: the batch goes to the device with `.to` (tests, tools)."""
+        batch = self.prepare(params, seeds, draws, histories, keys)
+        batch.attach.device = [t.to(logits.device) for t in batch.attach.host]
+        return self.sample(logits, batch)

@@ -117,11 +117,11 @@ def test_a_failing_adapter_fails_alone_then_is_quarantined(server, adapter_root)
     runner = engine.runner
     execute = runner.execute
 
-    def faulty(inputs):
+    def faulty(inputs, attach=None):
         key = engine.store._current.get("flaky")
         if key is not None and engine.store._entries[key].slot in {item.slot for item in inputs}:
             raise RuntimeError("injected fault")
-        return execute(inputs)
+        return execute(inputs, attach)
 
     runner.execute = faulty
     try:

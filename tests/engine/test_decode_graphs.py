@@ -29,11 +29,11 @@ def test_static_decode_step_equals_the_ordinary_step(demo_model_dir, tmp_path):
     ordinary = runner.execute
     batches = []
 
-    def both(inputs):
-        if not graphs.takes(inputs):
-            return ordinary(inputs)
-        static = graphs.run(inputs).clone()  # writes the same K/V into the same slots first
-        logits = ordinary(inputs)
+    def both(inputs, attach=None):
+        if not graphs.takes(inputs, attach):
+            return ordinary(inputs, attach)
+        static = graphs.run(inputs, attach).clone()  # writes the same K/V into the same slots first
+        logits = ordinary(inputs, attach)
         assert static.shape == logits.shape
         torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
         assert static.argmax(-1).tolist() == logits.argmax(-1).tolist()
@@ -68,11 +68,11 @@ def test_static_decode_step_through_the_triton_kernels_equals_the_ordinary_step(
     ordinary = engine.runner.execute
     compared = []
 
-    def both(inputs):
-        if not graphs.takes(inputs):
-            return ordinary(inputs)
-        static = graphs.run(inputs).clone()
-        logits = ordinary(inputs)
+    def both(inputs, attach=None):
+        if not graphs.takes(inputs, attach):
+            return ordinary(inputs, attach)
+        static = graphs.run(inputs, attach).clone()
+        logits = ordinary(inputs, attach)
         torch.testing.assert_close(static, logits, rtol=1e-4, atol=1e-4)
         compared.append(len(inputs))
         return logits

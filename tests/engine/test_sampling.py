@@ -19,7 +19,6 @@ from loraplex.server.model.sampling import (
     Sampler,
     apply_repetition_penalty,
     apply_temperature_top_k_top_p,
-    make_generator,
 )
 
 V = 64
@@ -29,11 +28,31 @@ def random_logits(n, seed=0, scale=1.0):
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def sample(logits, params, generators=None, previous=None):
+def sample(logits, params, seeds=None, previous=None):
     n = logits.shape[0]
-    generators = generators if generators is not None else [make_generator(i, "cpu") for i in range(n)]
+    seeds = seeds if seeds is not None else list(range(n))
     previous = previous if previous is not None else [[] for _ in range(n)]
-    return Sampler().sample(logits, params, generators, previous)
+    return Sampler(logits.shape[1]).sample_direct(logits, params, seeds, [0] * n, previous)
+
+
+def sent(batch):
+    """The batch as the runner leaves it: device views of its host arrays (here copies, on CPU)."""
+    batch.attach.device = [t.clone() for t in batch.attach.host]
+    return batch
+
+
+def warp(logits, temperatures, top_ks, top_ps):
+    top_ks = [k if k < logits.shape[1] else 0 for k in top_ks]
+    return apply_temperature_top_k_top_p(logits, torch.tensor(temperatures), torch.tensor(top_ks),
+                                         torch.tensor(top_ps), max(top_ks), any(p < 1 for p in top_ps))
+
+
+def penalise(logits, penalties, previous, sampler=None):
+    sampler = sampler or Sampler(logits.shape[1])
+    n = logits.shape[0]
+    batch = sampler.prepare([SamplingParams(repetition_penalty=p) for p in penalties], [None] * n, [0] * n,
+                            previous, keys=list(range(n)))
+    return sampler.penalise(logits, sent(batch))
 
 
 # ---- greedy and logprobs ----
@@ -103,7 +122,7 @@ def test_temperature_top_k_top_p_match_hugging_face_warpers():
     logits[5, 10:14] = 1.0  # four tokens of probability 0.25: the cumulative sums hit 1 - top_p exactly
     rows = [(0.7, 1, 1.0), (1.0, 5, 1.0), (0.5, 0, 0.9), (2.0, 10, 0.6), (1.3, 0, 1.0), (1.0, 0, 0.5)]
     temperatures, top_ks, top_ps = zip(*rows)
-    ours = apply_temperature_top_k_top_p(logits, temperatures, top_ks, top_ps)
+    ours = warp(logits, temperatures, top_ks, top_ps)
     for i, (t, k, p) in enumerate(rows):
         theirs = hf_warp(logits[i], t, k, p)
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(theirs)), f"row {i}: kept tokens differ"
@@ -125,12 +144,8 @@ def test_draws_stay_inside_the_top_k_set_and_cover_it():
 def test_draw_frequencies_follow_softmax_of_logits_over_temperature(temperature):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     n = 4000
-    tokens, _ = Sampler().sample(
-        logits.expand(n, -1),
-        [SamplingParams(temperature=temperature)] * n,
-        [make_generator(10_000 + i, "cpu") for i in range(n)],
-        [[]] * n,
-    )
+    tokens, _ = sample(logits.expand(n, -1), [SamplingParams(temperature=temperature)] * n,
+                       seeds=[10_000 + i for i in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=6).float() / n
     expected = torch.softmax(logits[0] / temperature, dim=-1)
     # 4000 draws: standard error <= 0.008; temperatures 0.5 vs 1 vs 2 differ by >= 0.15 on token 0
@@ -151,7 +166,7 @@ def test_repetition_penalty_matches_hugging_face_processor():
     logits = random_logits(4, seed=7, scale=2.0)
     previous = [[1, 5, 5, 9, 60], [], [2, 3, 4, 2, 63, 0], [7, 8]]
     penalties = [1.3, 1.8, 0.7, 1.0]
-    ours = apply_repetition_penalty(logits, penalties, previous)
+    ours = penalise(logits, penalties, previous)
     for i, (penalty, ids) in enumerate(zip(penalties, previous)):
         processor = RepetitionPenaltyLogitsProcessor(penalty)
         theirs = processor(torch.tensor([ids], dtype=torch.long), logits[i : i + 1])
@@ -170,7 +185,7 @@ def test_repetition_penalty_steers_greedy_away_from_repeated_tokens():
 
 def test_repetition_penalty_ignores_ids_outside_the_logits():
     logits = random_logits(1, seed=8)
-    out = apply_repetition_penalty(logits, [2.0], [[V, V + 5, -1, 3]])
+    out = penalise(logits, [2.0], [[V, V + 5, -1, 3]])
     theirs = RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[3]]), logits)
     assert torch.equal(out, theirs)
 
@@ -180,17 +195,18 @@ def test_repetition_penalty_ignores_ids_outside_the_logits():
 
 def decode_steps(seed, others, steps=12):
     """Sample `steps` tokens for one seeded request placed among `others` (params, seed) rows."""
-    sampler = Sampler()
+    sampler = Sampler(V)
     rows = others[: len(others) // 2] + [(SamplingParams(temperature=1.0, top_k=40, seed=seed), seed)]
     rows += others[len(others) // 2 :]
     me = len(others) // 2
-    generators = [None if s is None else make_generator(s, "cpu") for _, s in rows]
+    seeds = [s if s is not None else 1000 + i for i, (_, s) in enumerate(rows)]
     previous = [[] for _ in rows]
     out = []
     for step in range(steps):
         logits = random_logits(len(rows), seed=100 + step)
         logits[me] = random_logits(1, seed=1000 + step)[0]  # my row's logits do not depend on the batch
-        tokens, _ = sampler.sample(logits, [p for p, _ in rows], generators, previous)
+        tokens, _ = sampler.sample_direct(logits, [p for p, _ in rows], seeds, [step] * len(rows), previous,
+                                          keys=list(range(len(rows))))
         out.append(tokens[me])
         for prev, token in zip(previous, tokens):
             prev.append(token)
@@ -203,25 +219,101 @@ def test_seeded_request_gives_the_same_tokens_whatever_else_is_in_the_batch():
         (SamplingParams(temperature=0.8, seed=7), 7),
         (SamplingParams(), None),
         (SamplingParams(temperature=1.2, top_p=0.9), None),
-        (SamplingParams(temperature=1.0, seed=42), 42),  # same seed, another request: own generator
+        (SamplingParams(temperature=1.0, seed=2**64 - 1), 2**64 - 1),
         (SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.2), None),
     ]
     assert decode_steps(42, others) == alone
     assert decode_steps(42, others[:2]) == alone
+    assert decode_steps(42, others[::-1]) == alone  # another row of the batch
     assert decode_steps(43, others) != alone
     assert len(set(alone)) > 3  # really sampled, not a constant argmax
 
 
-def test_unseeded_rows_follow_torch_global_rng():
-    logits = random_logits(16, seed=9)
+def test_the_draw_number_selects_the_noise():
+    logits = random_logits(1, seed=9).expand(16, V)
     params = [SamplingParams(temperature=1.0)] * 16
-    torch.manual_seed(0)
-    first = Sampler().sample(logits, params, [None] * 16, [[]] * 16)[0]
-    torch.manual_seed(0)
-    again = Sampler().sample(logits, params, [None] * 16, [[]] * 16)[0]
-    torch.manual_seed(1)
-    other = Sampler().sample(logits, params, [None] * 16, [[]] * 16)[0]
-    assert first == again != other
+    sampler = Sampler(V)
+    first = sampler.sample_direct(logits, params, [5] * 16, list(range(16)), [[]] * 16)[0]
+    assert sampler.sample_direct(logits, params, [5] * 16, list(range(16)), [[]] * 16)[0] == first
+    assert len(set(first)) > 3  # same seed, each draw its own noise
+    assert sampler.sample_direct(logits, params, [6] * 16, list(range(16)), [[]] * 16)[0] != first
+
+
+def test_the_penalty_mask_follows_each_sequence_across_steps_and_row_changes():
+    """Rows marked step by step (only the new tokens sent) penalise exactly as a fresh mask would, also
+    when sequences end, rows are reused, and a sequence absent from a step loses its row to another."""
+    sampler = Sampler(V, max_rows=3)
+    histories = {key: [key, 2 * key + 1, V + key] for key in range(6)}  # V + key: beyond the head
+    live = [0, 1, 2]
+    for step in range(8):
+        if step == 3:
+            sampler.release(1)  # finished: its row goes to 3
+            live = [0, 2, 3]
+        if step == 5:
+            live = [4, 5]  # 0, 2 and 3 hold every row: 4 and 5 take the oldest holders', 0 and 2
+        if step == 7:
+            live = [0, 3]  # 0 re-marks its whole history (in 4's row); 3 kept its row
+        logits = random_logits(len(live), seed=step, scale=3.0)
+        penalties = [1.5 + 0.1 * key for key in live]
+        batch = sent(sampler.prepare([SamplingParams(repetition_penalty=p) for p in penalties], [None] * len(live),
+                                     [0] * len(live), [histories[k] for k in live], keys=live))
+        _, start, stop = batch.fields["marks"]
+        fresh = {0: live, 3: [3], 5: live, 7: [0]}.get(step, [])
+        assert stop - start == sum(sum(t < V for t in histories[k]) if k in fresh else 1 for k in live)
+        ours = sampler.penalise(logits, batch)
+        tokens, _ = sampler.sample(logits, batch)  # marks the same tokens again: no harm
+        assert torch.equal(ours, penalise(logits, penalties, [histories[k] for k in live]))
+        assert tokens == ours.argmax(dim=-1).tolist()
+        for key, token in zip(live, tokens):
+            histories[key].append(token)
+    with pytest.raises(ValueError, match="3 mask rows"):
+        sampler.prepare([SamplingParams(repetition_penalty=2.0)] * 4, [None] * 4, [0] * 4, [[1]] * 4,
+                        keys=[10, 11, 12, 13])
+
+
+def test_a_failed_step_leaves_the_penalty_mask_consistent(monkeypatch):
+    """A step can fail before its marks reach the device (the runner raised) or after (the sampler
+    raised): either way the rerun penalises as if the failed attempt never happened."""
+    logits = random_logits(2, seed=5)
+    logits[0, 1], logits[0, 20] = 4.0, 3.0  # penalised, 4 / 1.7 < 3: greedy picks 20
+    params = [SamplingParams(repetition_penalty=1.7), SamplingParams(temperature=1.0, seed=2, repetition_penalty=1.7)]
+    previous = [[1, 2, 3], [4, 5]]
+    expected = Sampler(V).sample_direct(logits, params, [1, 2], [3, 3], previous, keys=["a", "b"])
+    assert expected[0][0] == 20
+    sampler = Sampler(V)
+    sampler.prepare(params, [1, 2], [3, 3], previous, keys=["a", "b"])  # never sent: execute raised
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "logsumexp", broken)  # after the marks and the draws
+        with pytest.raises(RuntimeError, match="injected"):
+            sampler.sample_direct(logits, params, [1, 2], [3, 3], previous, keys=["a", "b"])
+    assert sampler.sample_direct(logits, params, [1, 2], [3, 3], previous, keys=["a", "b"]) == expected
+    previous[0].append(expected[0][0])
+    previous[1].append(expected[0][1])
+    again = Sampler(V).sample_direct(logits, params, [1, 2], [4, 4], previous, keys=["a", "b"])
+    assert sampler.sample_direct(logits, params, [1, 2], [4, 4], previous, keys=["a", "b"]) == again
+
+
+def test_prepare_refuses_what_it_cannot_sample():
+    sampler = Sampler(V)
+    hot = SamplingParams(temperature=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.prepare([hot], [None], [0], [[]])
+    with pytest.raises(ValueError, match="seed"):
+        sampler.prepare([hot], [2**64], [0], [[]])
+    with pytest.raises(ValueError, match="draw number"):
+        sampler.prepare([hot], [1], [-1], [[]])
+    with pytest.raises(ValueError, match="one seed"):
+        sampler.prepare([hot], [1], [0, 0], [[]])
+    with pytest.raises(ValueError, match="twice"):
+        sampler.prepare([hot, hot], [1, 2], [0, 0], [[], []], keys=[3, 3])
+    with pytest.raises(RuntimeError, match="not sent"):
+        sampler.sample(random_logits(1), sampler.prepare([hot], [1], [0], [[]]))
+    with pytest.raises(ValueError, match="logits of shape"):
+        sampler.sample_direct(random_logits(2), [hot], [1], [0], [[]])
 
 
 # ---- SamplingParams ----
@@ -279,7 +371,7 @@ def test_boundary_values_are_accepted():
     )
     assert params.stop[0] == "x" * 256 and isinstance(params.stop, tuple)
     assert SamplingParams(seed=0, top_p=1e-9, temperature=100.0).seed == 0
-    make_generator(2**64 - 1, "cpu")  # the largest seed is one torch accepts
+    assert sample(random_logits(1), [SamplingParams(temperature=1.0, seed=2**64 - 1)], seeds=[2**64 - 1])[0]
 
 
 def test_from_proto_values_reads_zero_as_unset():
@@ -294,23 +386,3 @@ def test_from_proto_values_reads_zero_as_unset():
     assert params.seed == 0  # a set seed of 0 is a seed, not "unset"
     with pytest.raises(InvalidArgument, match="top_p"):
         SamplingParams.from_proto_values(top_p=-1.0)
-
-
-def test_a_sample_that_fails_after_drawing_gives_the_draws_back(monkeypatch):
-    """A failed step's requests run again (the engine isolates the failure): they must draw the same
-    noise then, as if the failed attempt never happened."""
-    logits = random_logits(3, seed=5)
-    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
-    generators = [make_generator(s, "cpu") for s in (1, 2, 3)]
-    before = [g.get_state() for g in generators]
-    expected = Sampler().sample(logits, params, [make_generator(s, "cpu") for s in (1, 2, 3)], [[]] * 3)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "logsumexp", broken)  # runs after every row has drawn its noise
-        with pytest.raises(RuntimeError, match="injected"):
-            Sampler().sample(logits, params, generators, [[]] * 3)
-    assert all(torch.equal(g.get_state(), state) for g, state in zip(generators, before))
-    assert Sampler().sample(logits, params, generators, [[]] * 3) == expected

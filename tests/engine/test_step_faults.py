@@ -155,7 +155,7 @@ def test_a_failing_request_ends_alone_and_its_adapter_is_not_blamed(engine, capl
 def test_a_step_of_one_failing_request_ends_it(engine):
     runner = engine.runner
     execute = runner.execute
-    runner.execute = lambda inputs: (_ for _ in ()).throw(RuntimeError("injected"))
+    runner.execute = lambda inputs, attach=None: (_ for _ in ()).throw(RuntimeError("injected"))
     failing = submit(engine, "alone", PROMPTS[0])
     run_until_done(engine)
     assert "this request (the base model) failed" in str(failing.final.error)

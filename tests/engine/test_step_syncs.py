@@ -19,7 +19,8 @@ from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_un
 ROOT = Path(meta_module.__file__).resolve().parents[1]
 # the step's device-side code on every platform (CPU-only C kernels and their bindings are not on a GPU's path)
 WATCHED = [ROOT / "server" / "model", ROOT / "server" / "engine", ROOT / "server" / "adapters" / "lora.py",
-           ROOT / "kernels" / "meta.py", ROOT / "kernels" / "ops.py"]
+           ROOT / "kernels" / "meta.py", ROOT / "kernels" / "ops.py", ROOT / "kernels" / "exponential_race.py",
+           ROOT / "kernels" / "triton" / "exponential_race.py"]
 HOST_ONLY = {("meta.py", "build"), ("meta.py", "_check"), ("step_buffers.py", "put")}
 """Functions that work on host tensors by construction."""
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
@@ -86,3 +87,44 @@ def test_a_step_reads_the_device_once_and_sends_its_metadata_once(demo_model_dir
     assert others == {}, f"device reads or host->device tensors in the step loop: {others}"
     assert counted["send"] == steps
     assert sum(sampler_reads.values()) == steps, sampler_reads  # tokens and logprobs in one transfer
+
+
+# (request id, prompt, adapter, sampling): every sampling path at once, over several steps
+MIXED = [
+    ("greedy", 0, None, dict(max_new_tokens=5)),
+    ("seeded", 1, "a", dict(temperature=0.8, seed=5, max_new_tokens=6)),
+    ("filtered", 2, None, dict(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=6)),
+    ("penalised-greedy", 3, "a", dict(repetition_penalty=1.3, stop=["the", "ea"], max_new_tokens=6)),
+    ("everything", 4, None, dict(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.2, seed=2**64 - 1,
+                                 stop=["?"], max_new_tokens=5)),
+    ("low-penalty", 0, "a", dict(temperature=1.2, top_p=0.5, repetition_penalty=0.8, max_new_tokens=4)),
+]
+
+
+def test_mixed_sampling_reads_the_device_once_a_step_and_sends_its_parameters_with_the_step(
+        demo_model_dir, tmp_path, counted):
+    """Greedy, temperature, top-k/top-p, repetition penalty, seeds, stop strings and logprobs in one batch,
+    with requests joining mid-way (their first penalised step sends the whole history): each step still
+    sends once and reads the device once, the sampler's tokens and logprobs."""
+    adapter = make_lora_adapter(demo_model_dir, tmp_path / "lora", seed=4, r=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj"])
+    engine = make_engine(demo_model_dir)
+    engine.register_adapter("a", str(adapter))
+    requests = [submit(engine, rid, PROMPTS[p], adapter=a, ignore_eos=True, **s) for rid, p, a, s in MIXED[:4]]
+    engine.step()  # the adapter's load and first-use allocations happen here
+    counted.clear()
+    steps = 0
+    for _ in range(2):
+        assert engine.step() is not None
+        steps += 1
+    requests += [submit(engine, rid, PROMPTS[p], adapter=a, ignore_eos=True, **s) for rid, p, a, s in MIXED[4:]]
+    steps += run_until_done(engine)
+    finals = [r.final for r in requests]
+    assert all(f.error is None and f.finish_reason in ("length", "stop") for f in finals), finals
+    assert all(len(r.token_ids) == len(r.logprobs) > 0 for r in requests)
+    assert steps >= 5
+    others = {key: n for key, n in counted.items() if key != "send" and not key.startswith("sampling.py:")}
+    assert others == {}, f"device reads or host->device tensors in the step loop: {others}"
+    assert counted["send"] == steps
+    sampler = {key: n for key, n in counted.items() if key.startswith("sampling.py:")}
+    assert sampler == {"sampling.py:sample:tolist": steps}  # tokens and logprobs, one transfer a step
