@@ -34,53 +34,70 @@ def _caller() -> tuple[Path, str] | None:
     return None
 
 
+class Counts(Counter):
+    """What the step loop did, counted from `start()` on (after the engine is built: transformers builds
+    its models under a device context that a wrapped `torch.tensor` would escape, leaving buffers such as
+    the rotary `inv_freq` uninitialised)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self._monkeypatch = monkeypatch
+
+    def start(self) -> None:
+        self.clear()
+        counts, monkeypatch = self, self._monkeypatch
+
+        def reader(name, original):
+            def read(self, *args, **kwargs):
+                where = _caller()
+                if where is not None and (where[0].name, where[1]) not in HOST_ONLY:
+                    counts[f"{where[0].name}:{where[1]}:{name}"] += 1
+                return original(self, *args, **kwargs)
+            return read
+
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, reader(name, getattr(torch.Tensor, name)))
+
+        def creator(name, original):
+            def create(*args, **kwargs):
+                where = _caller()
+                if where is not None and kwargs.get("device") is not None:
+                    counts[f"{where[0].name}:{where[1]}:{name}(device=)"] += 1
+                return original(*args, **kwargs)
+            return create
+
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, creator(name, getattr(torch, name)))
+        send = step_buffers.StepBuffers.send
+
+        def counted_send(self, *args):
+            counts["send"] += 1
+            return send(self, *args)
+
+        monkeypatch.setattr(step_buffers.StepBuffers, "send", counted_send)
+
+
 @pytest.fixture
 def counted(monkeypatch):
-    counts: Counter[str] = Counter()
-
-    def reader(name, original):
-        def read(self, *args, **kwargs):
-            where = _caller()
-            if where is not None and (where[0].name, where[1]) not in HOST_ONLY:
-                counts[f"{where[0].name}:{where[1]}:{name}"] += 1
-            return original(self, *args, **kwargs)
-        return read
-
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, reader(name, getattr(torch.Tensor, name)))
-
-    def creator(name, original):
-        def create(*args, **kwargs):
-            where = _caller()
-            if where is not None and kwargs.get("device") is not None:
-                counts[f"{where[0].name}:{where[1]}:{name}(device=)"] += 1
-            return original(*args, **kwargs)
-        return create
-
-    for name in ("tensor", "as_tensor"):
-        monkeypatch.setattr(torch, name, creator(name, getattr(torch, name)))
-    send = step_buffers.StepBuffers.send
-
-    def counted_send(self):
-        counts["send"] += 1
-        return send(self)
-
-    monkeypatch.setattr(step_buffers.StepBuffers, "send", counted_send)
-    return counts
+    return Counts(monkeypatch)
 
 
 def test_a_step_reads_the_device_once_and_sends_its_metadata_once(demo_model_dir, tmp_path, counted, monkeypatch):
     monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")  # the C kernel's bindings are CPU-only
     adapter = make_lora_adapter(demo_model_dir, tmp_path / "lora", seed=3, r=4, lora_alpha=8,
                                 target_modules="all-linear", use_dora=True)
-    engine = make_engine(demo_model_dir)
-    engine.register_adapter("a", str(adapter))
-    requests = [submit(engine, f"r{i}", PROMPTS[i], adapter="a" if i % 2 else None, max_new_tokens=4)
-                for i in range(3)]
-    engine.step()  # adapter loads and first-use allocations happen here
-    counted.clear()
-    steps = run_until_done(engine)
-    assert all(r.final.finish_reason for r in requests)
+    runs = []
+    for count in (False, True):  # the same requests uncounted, then counted: counting changes nothing
+        engine = make_engine(demo_model_dir)
+        engine.register_adapter("a", str(adapter))
+        requests = [submit(engine, f"r{i}", PROMPTS[i], adapter="a" if i % 2 else None, max_new_tokens=4,
+                           ignore_eos=True) for i in range(3)]
+        engine.step()  # adapter loads and first-use allocations happen here
+        if count:
+            counted.start()
+        steps = run_until_done(engine)
+        runs.append([r.token_ids for r in requests])
+    assert runs[0] == runs[1]
     assert steps >= 3
     sampler_reads = {key: n for key, n in counted.items() if key.startswith("sampling.py:")}
     others = {key: n for key, n in counted.items() if key != "send" and key not in sampler_reads}
@@ -112,7 +129,7 @@ def test_mixed_sampling_reads_the_device_once_a_step_and_sends_its_parameters_wi
     engine.register_adapter("a", str(adapter))
     requests = [submit(engine, rid, PROMPTS[p], adapter=a, ignore_eos=True, **s) for rid, p, a, s in MIXED[:4]]
     engine.step()  # the adapter's load and first-use allocations happen here
-    counted.clear()
+    counted.start()
     steps = 0
     for _ in range(2):
         assert engine.step() is not None
