@@ -3,6 +3,7 @@ tokens as the ordinary step, for a batch mixing the base model, LoRA and DoRA, p
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from loraplex.server.model.decode_graphs import DecodeGraphs, batch_sizes
@@ -98,3 +99,41 @@ def test_the_static_layout_fits_the_largest_bucket(demo_model_dir):
     graphs = DecodeGraphs(engine.runner, max_seqs=200)
     graphs._stage([], graphs.max_batch)  # every array at its full size
     assert tuple(graphs.tables.shape) == (225, graphs.max_blocks) and graphs.lora_meta.max_tokens == 224
+
+
+class _Writes(np.ndarray):
+    """The host tables, counting the entries each assignment writes."""
+
+    def __setitem__(self, index, value):
+        self.log.append(np.asarray(super().__getitem__(index)).size)
+        super().__setitem__(index, value)
+
+
+def test_a_step_writes_only_the_block_table_entries_appended_since_the_last(demo_model_dir):
+    """Block tables stay on the host per sequence: a steady step writes no table entry, a new block one
+    entry, a new sequence its table; the copy covers the table rows in use, not the model's context."""
+    from loraplex.server.model.runner import StepInput
+
+    engine = make_engine(demo_model_dir)
+    graphs = DecodeGraphs(engine.runner, max_seqs=8)
+    writes = graphs._tables.view(_Writes)
+    writes.log = []
+    graphs._tables = writes
+    sent = []
+    graphs.buffers.send = lambda nbytes=None: sent.append(nbytes)
+    tables = [list(range(10 * i, 10 * i + 6)) for i in range(4)]
+    inputs = [StepInput([3], 16 * 6 - 5 + i, tables[i], slot=-1, samples=True) for i in range(4)]
+    graphs._stage(inputs, 4)
+    assert sum(writes.log) == 4 * 6  # first sight: every table whole
+    writes.log.clear()
+    graphs._stage(inputs, 4)
+    assert sum(writes.log) == 0
+    tables[2].append(99)
+    graphs._stage(inputs, 4)
+    assert sum(writes.log) == 1
+    writes.log.clear()
+    inputs[1] = StepInput([3], 20, [7, 8], slot=-1, samples=True)  # a new sequence in place of the second
+    graphs._stage(inputs, 4)
+    assert sum(writes.log) == 2
+    rows_in_use = 1 + max(graphs._table_of[id(item.block_table)][0] for item in inputs)
+    assert sent[-1] == graphs._tables_at + rows_in_use * graphs._row_bytes < graphs.buffers.table.numel()
