@@ -13,7 +13,8 @@ the step are kept. An adapter whose every request fails is named in their error 
 failures, quarantined by the adapter store.
 
 `AsyncEngine` runs the step loop in its own thread and exposes `generate(request)` as an async
-iterator of `RequestOutput`s for asyncio code (the gRPC servicer).
+iterator of `RequestOutput`s for asyncio code; it implements `EngineClient` (engine/client.py), the
+one interface the network fronts use.
 """
 
 from __future__ import annotations
@@ -112,6 +113,28 @@ class EngineSnapshot:
     """Adapter ids of running requests (the base model not counted)."""
     waiting_adapters: frozenset[str] = frozenset()
     """Adapter ids of accepted requests waiting to start."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The model and the engine's limits, as the network fronts report them; fixed once the engine is up."""
+
+    model_path: str
+    architectures: tuple[str, ...]
+    quantization: str
+    dtype: str
+    device: str
+    int8_threshold: float
+    batch_invariant: bool
+    max_model_len: int
+    """Tokens of context: the prompt (with an adapter's virtual tokens) and the generated ones."""
+    kv_cache_tokens: int
+    block_size: int
+    """Tokens per KV block."""
+    prefix_caching: bool
+    max_rank: int
+    max_device_adapters: int
+    max_host_adapters: int
 
 
 @dataclass
@@ -552,6 +575,16 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
+        runner, model, adapters = self.engine.runner, config.model, config.adapters
+        self._info = ServerInfo(
+            model_path=str(model.path), architectures=tuple(runner.hf_config.architectures or ()),
+            quantization=model.quantization, dtype=model.dtype, device=model.device,
+            int8_threshold=model.int8_threshold, batch_invariant=model.batch_invariant,
+            max_model_len=self.engine.scheduler.config.max_model_len,
+            kv_cache_tokens=runner.num_blocks * runner.block_size, block_size=runner.block_size,
+            prefix_caching=config.cache.prefix_caching, max_rank=adapters.max_rank,
+            max_device_adapters=adapters.max_device_adapters, max_host_adapters=adapters.max_host_adapters,
+        )
         self._stop = threading.Event()
         self._draining = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
@@ -613,8 +646,22 @@ class AsyncEngine:
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         return self.engine.get_adapter(adapter_id)
 
+    def server_info(self) -> ServerInfo:
+        return self._info
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
     def snapshot(self) -> EngineSnapshot:
         return self.engine.snapshot()
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call `listener` on the engine thread after every step that ran."""
+        self.engine.step_listeners.append(listener)
+
+    def add_adapter_load_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Call `listener(tier, seconds)` (any thread) after each adapter load into "host" or "device"."""
+        self.engine.store.load_listeners.append(listener)
 
     def num_live_requests(self) -> int:
         return self.engine.num_live_requests()
