@@ -3,8 +3,9 @@
 `UserError` is raised for bad input to a CLI command (missing file, malformed data, options that do
 not fit); the CLI prints its message on one line and exits with status 2, never a traceback.
 
-`EngineError` subclasses are raised by the engine and the adapter store; the gRPC servicer maps
-`code` (the name of a `grpc.StatusCode`) onto the response status, with the message unchanged. They
+`EngineError` subclasses are raised by the engine, the adapter store and the API's admission checks;
+each API front maps `code` (the name of a `grpc.StatusCode`) onto its response status, with the
+message unchanged. They
 are also `UserError`s so that CLI commands driving the engine in-process report them the same way.
 """
 
@@ -54,6 +55,12 @@ class Unavailable(EngineError):
 
 
 class PermissionDenied(EngineError):
-    """An adapter source outside the allowed root."""
+    """An adapter source outside the allowed root, or adapter paths not accepted over the API."""
 
     code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(EngineError):
+    """An adapter call without the server's admin token."""
+
+    code = "UNAUTHENTICATED"

@@ -6,9 +6,10 @@
     GET  /health, /metrics
 
 uvicorn runs as a task on the event loop that already runs grpc.aio, so an HTTP handler calls the
-same `AsyncEngine`, `ServerState` and adapter registry as a gRPC handler, with no locks or thread
-hand-off: admission (`admit`), request accounting (`Call`) and metrics are the servicer's own. The
-signal handling stays with `server.run` (one drain for both APIs), so uvicorn's is turned off.
+same engine (`EngineClient`), `ServerState` and adapter registry as a gRPC handler, with no locks or
+thread hand-off: admission (`admit`), request accounting (`Call`) and metrics are admission.py's,
+shared with the gRPC API. The signal handling stays with `server.run` (one drain for both APIs), so
+uvicorn's is turned off.
 
 Errors are OpenAI's error object with the HTTP status of the gRPC status the same failure gets on the
 gRPC API, and are counted in `loraplex_request_errors_total` under that gRPC status name. A client
@@ -20,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -36,14 +36,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server.api import openai_protocol as oa
-from loraplex.server.api.servicer import Call, ServerState, accepting_engine, admit
-from loraplex.server.engine.engine import GenerationRequest, RequestOutput
-from loraplex.server.errors import EngineError, InvalidArgument, NotFound, PermissionDenied
+from loraplex.server.api.admission import (
+    Call,
+    ServerState,
+    accepting_engine,
+    admin_engine,
+    admit,
+    check_admin_token,
+    check_registration_allowed,
+    default_max_new_tokens,
+)
+from loraplex.server.engine.client import EngineClient, GenerationRequest, RequestOutput
+from loraplex.server.errors import EngineError, InvalidArgument, NotFound
 from loraplex.server.errors import UserError
 from loraplex.server.failures import internal_error_message, report_internal_error
-
-if TYPE_CHECKING:
-    from loraplex.server.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +179,12 @@ class HttpApi:
             name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             raise oa.BadParameter(name, f"{name} must be >= 1, got {limit}")
         if limit is None:  # OpenAI's default: up to the context; here also within the KV cache
-            core = engine.engine
-            room = min(core.scheduler.config.max_model_len, core.runner.num_blocks * core.runner.block_size)
-            limit = max(1, room - len(prompt_ids))
+            limit = default_max_new_tokens(engine, len(prompt_ids))
         sampling = body.sampling(limit, logprobs=body.logprobs)
         return await self._generate(request, body, [(None, prompt_ids)], sampling, chat=True)
 
-    def _apply_chat_template(self, engine: "AsyncEngine", body: oa.ChatCompletionRequest) -> tuple[int, ...]:
-        tokenizer = engine.engine.tokenizer
+    def _apply_chat_template(self, engine: EngineClient, body: oa.ChatCompletionRequest) -> tuple[int, ...]:
+        tokenizer = engine.get_tokenizer()
         template = self.chat_template or getattr(tokenizer, "chat_template", None)
         if not template:
             raise oa.BadParameter("messages", "this model has no chat template (none in its tokenizer files, and the "
@@ -208,7 +212,7 @@ class HttpApi:
                                                    cache_prompt=body.cache_prompt)
                 generations.append(_Generation(self.state, engine, engine_request, self.model_name))
             response_id = ("chatcmpl-" if chat else "cmpl-") + generations[0].request.request_id
-            tokenizer = engine.engine.tokenizer
+            tokenizer = engine.get_tokenizer()
             if not body.stream:
                 results = await _unless_disconnected(request, _all(g.collect() for g in generations))
             else:
@@ -253,32 +257,21 @@ class HttpApi:
                        "registered adapter", "model")
 
     def _models(self) -> list[dict[str, Any]]:
-        engine = self._engine_for_admin()
-        core = engine.engine
+        engine = admin_engine(self.state, while_draining=True)  # listing works while draining, as on gRPC
+        info = engine.server_info()
         created = int(time.time())
         base = {"id": self.model_name, "object": "model", "created": created, "owned_by": "loraplex",
-                "root": str(core.config.model.path), "parent": None,
-                "max_model_len": core.scheduler.config.max_model_len}
+                "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
         adapters = [{"id": a.adapter_id, "object": "model", "created": created, "owned_by": "loraplex",
                      "root": a.source, "parent": self.model_name} for a in engine.list_adapters()]
         return [base, *adapters]
-
-    def _engine_for_admin(self) -> "AsyncEngine":
-        """Listing and unloading work while draining too, as on the gRPC API."""
-        state = self.state
-        if state.draining and state.engine is not None:
-            return state.engine
-        return accepting_engine(state)
 
     # ------------------------------------------------------------------ vLLM's dynamic adapters
     async def load_lora_adapter(self, request: Request) -> Response:
         self._authenticate(request)
         body = await _json_object(request, ("lora_name", "lora_path"))
         engine = accepting_engine(self.state)
-        if not self.state.config.api_registration_allowed:
-            raise PermissionDenied("this server reads no adapter paths over the API: start it with --adapter-root "
-                                   "DIR (lora_path then resolves inside DIR) or, for trusted callers only, "
-                                   "--allow-any-adapter-path")
+        check_registration_allowed(self.state.config, "lora_path then resolves")
         name = body["lora_name"]
         await engine.register_adapter(name, body["lora_path"])
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -287,19 +280,14 @@ class HttpApi:
         self._authenticate(request)
         body = await _json_object(request, ("lora_name",))
         name = body["lora_name"]
-        await self._engine_for_admin().unregister_adapter(name)
+        await admin_engine(self.state, while_draining=True).unregister_adapter(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _authenticate(self, request: Request) -> None:
-        token = self.state.config.admin_token
-        if token is None:
-            return
-        sent = request.headers.get("authorization")
-        if sent is None:
-            raise ApiError("UNAUTHENTICATED", "adapter loading on this server needs the admin token: send the "
-                           "header 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            raise ApiError("UNAUTHENTICATED", "the admin token is wrong (expected 'Authorization: Bearer <token>')")
+        check_admin_token(self.state.config, request.headers.get("authorization"),
+                          missing="adapter loading on this server needs the admin token: send the header "
+                          "'Authorization: Bearer <token>'",
+                          wrong="the admin token is wrong (expected 'Authorization: Bearer <token>')")
 
     # ------------------------------------------------------------------ health and metrics
     async def health(self) -> Response:
@@ -363,7 +351,7 @@ async def _unless_disconnected(request: Request, work: Awaitable):
 class _Generation:
     """One HTTP generation request in the engine: accounting and metrics as on the gRPC API."""
 
-    def __init__(self, state: ServerState, engine: "AsyncEngine", request: GenerationRequest, model_name: str):
+    def __init__(self, state: ServerState, engine: EngineClient, request: GenerationRequest, model_name: str):
         self.request = request
         self.model_name = model_name
         self.metrics = state.metrics

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from loraplex.server.engine.engine import AsyncEngine, RequestOutput, StepStats
+    from loraplex.server.engine.client import EngineClient, RequestOutput, StepStats
 
 BASE_MODEL_LABEL = "_base"
 """The `adapter` label of base-model requests; no adapter id can start with '_'."""
@@ -72,10 +72,10 @@ class Metrics:
         self._snapshot = _SnapshotCollector()
         r.register(self._snapshot)
 
-    def attach(self, engine: "AsyncEngine") -> None:
+    def attach(self, engine: "EngineClient") -> None:
         """Start observing `engine`: step and adapter-load listeners, and the scrape-time snapshot."""
-        engine.engine.step_listeners.append(self._on_step)
-        engine.engine.store.load_listeners.append(self._on_adapter_load)
+        engine.add_step_listener(self._on_step)
+        engine.add_adapter_load_listener(self._on_adapter_load)
         self._snapshot.engine = engine
 
     def _on_step(self, stats: "StepStats") -> None:  # engine thread
@@ -145,7 +145,7 @@ class _SnapshotCollector(Collector):
     """Gauges and store counters read from the engine when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self.engine: "AsyncEngine | None" = None
+        self.engine: "EngineClient | None" = None
 
     def describe(self):
         return []  # the families depend on the engine being up; nothing to check at registration
@@ -184,7 +184,7 @@ class _SnapshotCollector(Collector):
                                       "the Unix time of this state", labels=["running_lora_adapters",
                                                                             "waiting_lora_adapters", "max_lora"])
         lora_info.add_metric([",".join(sorted(snap.running_adapters)), ",".join(sorted(snap.waiting_adapters)),
-                              str(engine.engine.config.adapters.max_device_adapters)], time.time())
+                              str(engine.server_info().max_device_adapters)], time.time())
         yield lora_info
         queries = CounterMetricFamily("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix "
                                       "cache, by adapter (requests with cache_prompt false are not counted)",

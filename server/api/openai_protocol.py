@@ -14,9 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from loraplex.server.engine.engine import RequestOutput
+from loraplex.server.engine.client import RequestOutput, SamplingParams
 from loraplex.server.errors import InvalidArgument
-from loraplex.server.model.sampling import SamplingParams
 
 MAX_PROMPTS = 64
 """Prompts in one completions request (each is a request in the engine, within --max-queued-requests)."""

@@ -28,7 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from loraplex.server.api.config import MAX_RECEIVE_BYTES, MAX_SEND_BYTES, ServerConfig
 from loraplex.server.api.metrics import Metrics
-from loraplex.server.api.servicer import AdaptersServicer, GeneratorServicer, ServerState, preload_adapter
+from loraplex.server.api.admission import ServerState
+from loraplex.server.api.servicer import AdaptersServicer, GeneratorServicer, preload_adapter
+from loraplex.server.engine.client import EngineClient, GenerationRequest, SamplingParams, start_engine
 from loraplex.server.errors import EngineError, UserError
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
@@ -48,7 +50,7 @@ WARMUP_PROMPT = "Hello"
 
 class LoraplexServer:
     """One server: gRPC (both services, health, reflection), /metrics and the optional HTTP API, around
-    one AsyncEngine."""
+    one engine (`EngineClient`)."""
 
     def __init__(self, config: ServerConfig, log: Callable[[str], None] = print):
         self.config = config
@@ -122,11 +124,8 @@ class LoraplexServer:
 
     async def load(self) -> None:
         """Load the model, register the --adapter adapters, warm up, then report SERVING."""
-        from loraplex.server.engine.engine import AsyncEngine
-
         started = time.perf_counter()
-        engine = await asyncio.to_thread(AsyncEngine, self.config.engine)
-        engine.start()
+        engine = await asyncio.to_thread(start_engine, self.config.engine)
         self.state.engine = engine
         self.metrics.attach(engine)
         for adapter_id, path in self.config.adapters:
@@ -142,11 +141,8 @@ class LoraplexServer:
         self.log(f"loraplex serve: ready in {time.perf_counter() - started:.1f} s "
                  f"({len(self.config.adapters)} adapters registered)")
 
-    async def _warm_up(self, engine) -> None:
+    async def _warm_up(self, engine: EngineClient) -> None:
         """A real generation through the base model and each --adapter adapter, all in one batch."""
-        from loraplex.server.engine.engine import GenerationRequest
-        from loraplex.server.model.sampling import SamplingParams
-
         async def base() -> None:
             request = GenerationRequest(f"warmup-{uuid.uuid4().hex}", prompt=WARMUP_PROMPT,
                                         sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))

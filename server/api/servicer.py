@@ -1,8 +1,9 @@
 """The gRPC servicers: proto messages <-> engine objects, and every failure onto its own status code.
 
-Handlers never block on the model: they submit to the `AsyncEngine` and await its per-request queue.
-Leaving a handler early (client cancel, deadline, a failed write) closes the engine's async iterator,
-which aborts the sequence in the engine and frees its KV blocks and adapter reference at once.
+Handlers never block on the model: they submit to the engine (`EngineClient`) and await its
+per-request queue. Leaving a handler early (client cancel, deadline, a failed write) closes the
+engine's async iterator, which aborts the sequence in the engine and frees its KV blocks and adapter
+reference at once. Admission (warm-up, drain, queue limit, admin token) is admission.py's.
 
 Engine requests get a server-made id; the client's `request_id` is only echoed back, so two clients
 choosing the same id cannot collide.
@@ -13,28 +14,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import inspect
 import logging
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, NoReturn
+from typing import AsyncIterator, NoReturn
 
 import grpc
 
 from loraplex.server import __version__
-from loraplex.server.adapters.store import AdapterInfo, AdapterState
-from loraplex.server.api.config import ServerConfig
-from loraplex.server.api.metrics import Metrics, RequestTracker
-from loraplex.server.engine.engine import GenerationRequest, RequestOutput
-from loraplex.server.errors import EngineError, InvalidArgument, ResourceExhausted, Unavailable
+from loraplex.server.api.admission import (
+    Call,
+    ServerState,
+    accepting_engine,
+    admin_engine,
+    admit,
+    check_admin_token,
+    check_registration_allowed,
+)
+from loraplex.server.engine.client import (
+    AdapterInfo,
+    AdapterState,
+    EngineClient,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+)
+from loraplex.server.errors import EngineError, InvalidArgument
 from loraplex.server.failures import internal_error_message, report_internal_error
-from loraplex.server.model.sampling import SamplingParams
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from loraplex.server.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +57,6 @@ ADAPTER_STATES = {
     AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
     AdapterState.QUARANTINED: pb.ADAPTER_STATE_QUARANTINED,
 }
-
-
-@dataclass
-class ServerState:
-    """What both servicers share: the engine once it is up, the lifecycle flags, the metrics."""
-
-    config: ServerConfig
-    metrics: Metrics
-    engine: "AsyncEngine | None" = None
-    ready: bool = False
-    """The warm-up generation has run: requests are accepted."""
-    draining: bool = False
-    """A shutdown signal arrived: new requests get UNAVAILABLE."""
-    in_flight: int = 0
-    """Generation requests accepted and not finished."""
 
 
 class _Abort(Exception):
@@ -131,30 +124,11 @@ class _Handler:
         expired = remaining is not None and remaining <= 0
         self.state.metrics.count_error("DEADLINE_EXCEEDED" if expired else "CANCELLED")
 
-    def _engine(self) -> "AsyncEngine":
+    def _engine(self) -> EngineClient:
         try:
             return accepting_engine(self.state)
         except EngineError as error:
             raise _from_engine_error(error) from None
-
-
-def accepting_engine(state: ServerState) -> "AsyncEngine":
-    """The engine if the server takes new requests now; Unavailable while warming up or draining."""
-    if state.draining:
-        raise Unavailable("the server is shutting down and accepts no new requests; retry on another replica")
-    if not state.ready or state.engine is None:
-        raise Unavailable("the server is still loading the model and warming up; wait until its health "
-                          "service reports SERVING (HTTP: GET /health answers 200)")
-    return state.engine
-
-
-def admit(state: ServerState) -> "AsyncEngine":
-    """The engine for a new generation request, within --max-queued-requests (else ResourceExhausted)."""
-    engine = accepting_engine(state)
-    if state.in_flight >= state.config.max_queued_requests:
-        raise ResourceExhausted(f"the server has {state.in_flight} requests in flight, its limit "
-                                f"(--max-queued-requests {state.config.max_queued_requests}); retry later")
-    return engine
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
@@ -197,30 +171,28 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             engine = self._engine()
         except _Abort as abort:
             await self._fail(context, abort)
-        core = engine.engine
-        model = core.config.model
+        info = engine.server_info()
         snap = engine.snapshot()
-        config = self.state.config
         return pb.ServerInfo(
-            model=str(model.path),
-            architecture=",".join(core.runner.hf_config.architectures or []),
-            quantization=model.quantization,
-            dtype=model.dtype,
-            device=model.device,
-            max_context_tokens=core.scheduler.config.max_model_len,
-            max_rank=core.config.adapters.max_rank,
-            max_device_adapters=core.config.adapters.max_device_adapters,
-            max_host_adapters=core.config.adapters.max_host_adapters,
+            model=info.model_path,
+            architecture=",".join(info.architectures),
+            quantization=info.quantization,
+            dtype=info.dtype,
+            device=info.device,
+            max_context_tokens=info.max_model_len,
+            max_rank=info.max_rank,
+            max_device_adapters=info.max_device_adapters,
+            max_host_adapters=info.max_host_adapters,
             version=__version__,
-            kv_cache_tokens=core.runner.num_blocks * core.runner.block_size,
+            kv_cache_tokens=info.kv_cache_tokens,
             kv_cache_usage=snap.kv_cache_usage,
             running_requests=snap.num_running,
             queued_requests=snap.num_waiting,
-            max_queued_requests=config.max_queued_requests,
-            batch_invariant=model.batch_invariant,
-            int8_threshold=model.int8_threshold,
-            prefix_caching=core.config.cache.prefix_caching,
-            prefix_cache_tokens=snap.prefix_cache_blocks * core.runner.block_size,
+            max_queued_requests=self.state.config.max_queued_requests,
+            batch_invariant=info.batch_invariant,
+            int8_threshold=info.int8_threshold,
+            prefix_caching=info.prefix_caching,
+            prefix_cache_tokens=snap.prefix_cache_blocks * info.block_size,
         )
 
     async def _outputs(self, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[str, RequestOutput]]:
@@ -255,31 +227,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer, _Handler):
             raise
         finally:
             call.close()
-
-
-class Call:
-    """One accepted generation request (a gRPC call, or a prompt of an HTTP request); `close`
-    (idempotent) releases everything it holds."""
-
-    def __init__(self, state: ServerState, engine: "AsyncEngine", engine_id: str, tracker: RequestTracker):
-        self.state = state
-        self.engine = engine
-        self.engine_id = engine_id
-        self.tracker = tracker
-        self.finish = "cancelled"
-        self.accepted = True
-        self.closed = False
-        state.in_flight += 1
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.state.in_flight -= 1
-        if self.finish == "cancelled":
-            self.engine.abort(self.engine_id)  # a no-op if the engine already closed it
-        if self.accepted:
-            self.tracker.end(self.finish)
 
 
 def _output_error(output: RequestOutput) -> _Abort:
@@ -327,12 +274,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
 
     @_guarded
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.Adapter:
-        async def call(engine: "AsyncEngine") -> pb.Adapter:
-            if not self.state.config.api_registration_allowed:
-                raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
-                             "this server reads no adapter paths over the API: start it with --adapter-root DIR "
-                             "(sources then resolve inside DIR) or, for trusted callers only, "
-                             "--allow-any-adapter-path")
+        async def call(engine: EngineClient) -> pb.Adapter:
+            check_registration_allowed(self.state.config, "sources then resolve")
             info = await engine.register_adapter(request.adapter_id, request.source, request.pin)
             if request.preload:
                 await preload_adapter(engine, request.adapter_id)
@@ -343,7 +286,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
 
     @_guarded
     async def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest, context) -> pb.UnregisterAdapterResponse:
-        async def call(engine: "AsyncEngine") -> pb.UnregisterAdapterResponse:
+        async def call(engine: EngineClient) -> pb.UnregisterAdapterResponse:
             await engine.unregister_adapter(request.adapter_id)
             return pb.UnregisterAdapterResponse()
 
@@ -351,27 +294,27 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
 
     @_guarded
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
-        async def call(engine: "AsyncEngine") -> pb.ListAdaptersResponse:
+        async def call(engine: EngineClient) -> pb.ListAdaptersResponse:
             return pb.ListAdaptersResponse(adapters=[to_proto_adapter(a) for a in engine.list_adapters()])
 
         return await self._admin(context, call, while_draining=True)
 
     @_guarded
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.Adapter:
-        async def call(engine: "AsyncEngine") -> pb.Adapter:
+        async def call(engine: EngineClient) -> pb.Adapter:
             return to_proto_adapter(engine.get_adapter(request.adapter_id))
 
         return await self._admin(context, call, while_draining=True)
 
     async def _admin(self, context, call, while_draining: bool = False):
         try:
-            self._authenticate(context)
-            state = self.state
-            if while_draining and state.draining and state.engine is not None:
-                engine = state.engine
-            else:
-                engine = self._engine()
-            return await call(engine)
+            sent = dict(context.invocation_metadata() or ()).get("authorization")
+            check_admin_token(self.state.config, sent,
+                              missing="the Adapters service of this server needs an admin token: send the metadata "
+                              "'authorization: Bearer <token>' (loraplex adapters --admin-token or "
+                              "$LORAPLEX_ADMIN_TOKEN)",
+                              wrong="the admin token is wrong (expected 'Bearer <token>')")
+            return await call(admin_engine(self.state, while_draining))
         except _Abort as abort:
             await self._fail(context, abort)
         except EngineError as error:
@@ -380,20 +323,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer, _Handler):
             self._count_cancelled(context)
             raise
 
-    def _authenticate(self, context) -> None:
-        token = self.state.config.admin_token
-        if token is None:
-            return
-        sent = dict(context.invocation_metadata() or ()).get("authorization")
-        if sent is None:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
-                         "the Adapters service of this server needs an admin token: send the metadata "
-                         "'authorization: Bearer <token>' (loraplex adapters --admin-token or $LORAPLEX_ADMIN_TOKEN)")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "the admin token is wrong (expected 'Bearer <token>')")
 
-
-async def preload_adapter(engine: "AsyncEngine", adapter_id: str) -> None:
+async def preload_adapter(engine: EngineClient, adapter_id: str) -> None:
     """Put an adapter into a device slot now by running one token through it (the slot stays
     assigned until another adapter needs it)."""
     request = GenerationRequest(request_id=f"preload-{uuid.uuid4().hex}", prompt_token_ids=(0,),
