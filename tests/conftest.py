@@ -33,3 +33,30 @@ def demo_model_factory(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+def _triton_language_state() -> dict:
+    """What Triton's interpreter patches in `triton.language` when it first runs a kernel."""
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.math, tl.tensor, tl.core.dtype, getattr(tl.core, "tensor_descriptor_base", None)]
+    return {id(obj): (obj, dict(vars(obj))) for obj in objects if obj is not None}
+
+
+_PRISTINE_TRITON_LANGUAGE = _triton_language_state()
+"""Taken at collection, before any test interprets a kernel."""
+
+
+@pytest.fixture
+def pristine_triton_language():
+    """`triton.language` as it was before any kernel was interpreted. Triton 3.5's interpreter patches
+    the language for good (later releases undo their patches after each launch), and a process in
+    which it ran then fails to compile a kernel for a GPU (the compile tests, tests/kernels/test_compile.py)."""
+    for obj, saved in _PRISTINE_TRITON_LANGUAGE.values():
+        current = vars(obj)
+        for name in [name for name in current if name not in saved]:
+            delattr(obj, name)
+        for name, value in saved.items():
+            if current.get(name) is not value:
+                setattr(obj, name, value)
+    yield

@@ -28,7 +28,7 @@ INDEX = ("tile_slot_ptr", "tile_start_ptr", "tile_len_ptr", "token_order_ptr", "
 
 
 @pytest.fixture(autouse=True)
-def _compiled_mode(monkeypatch):
+def _compiled_mode(monkeypatch, pristine_triton_language):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
