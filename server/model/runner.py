@@ -26,7 +26,7 @@ from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
-from loraplex.server.config import EngineConfig, check_adapter_dtype
+from loraplex.server.config import EngineConfig
 from loraplex.server.model.decode_graphs import ATTACH_BYTES_PER_ROW, DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.model.step_buffers import StepAttachment, StepBuffers
@@ -38,6 +38,22 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_KV_TOKENS = 32768
+
+
+def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
+    """Raise ValueError unless `adapter_dtype` can store the adapters of a `dtype` model on `device`:
+    "auto" always; "bfloat16" for a float32 model on CPU, with the C kernel built (the only path that
+    takes bfloat16 pools with float32 activations)."""
+    if adapter_dtype == "auto":
+        return
+    if device.split(":")[0] != "cpu" or dtype != "float32":
+        raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
+                         f"{device} (on a GPU, serve the model itself in bfloat16)")
+    from loraplex.kernels.cpu import native
+
+    if not native.available():
+        raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
+                         f"{native.unavailable_reason()}")
 
 
 @dataclass

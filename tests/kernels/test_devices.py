@@ -25,10 +25,10 @@ def test_normalize_gives_what_tensors_report():
     assert not devices.same_device("cuda:1", "cuda:0")
 
 
-@pytest.mark.parametrize("given, stored", [("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda:0"), ("cuda:2", "cuda:2")])
-def test_model_config_stores_the_normalised_device(given, stored):
-    if given == "cuda" and torch.cuda.is_available():
-        stored = f"cuda:{torch.cuda.current_device()}"
+@pytest.mark.parametrize("given, stored", [("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda"), ("cuda:2", "cuda:2")])
+def test_model_config_stores_the_device_spelling_without_torch(given, stored):
+    """The config (no torch) drops a CPU index; a bare "cuda" becomes the current device where torch is:
+    the CLI (`loraplex serve`, `demo`) and the model runner normalise it."""
     assert ModelConfig(path=".", device=given).device == stored
 
 
