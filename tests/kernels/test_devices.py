@@ -8,7 +8,7 @@ import torch
 from loraplex.kernels import devices
 from loraplex.kernels.triton.expand import triton_expand
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.reference import expand_reference, shrink_reference
+from loraplex.kernels.testing import expand_reference, shrink_reference
 from loraplex.kernels.triton.shrink import triton_shrink
 from loraplex.server.config import ModelConfig
 
