@@ -3,6 +3,7 @@
 What the model layer uses (server/model/runner.py, server/adapters/lora.py):
 
     backend = select(device, dtype, pool_dtype)                   once, when the runner builds the model
+    prepared = backend.prepare_pool(pool)                         once per stacked weight pool, at wrap time
     meta = LoRAMeta.allocate(...); meta.bind(table)               once, at start-up (the step buffer's tables)
     meta.build(token_slots) / meta.build_runs(runs)               per step, on the host (``meta``)
     step = backend.begin_step(meta)                               per step
@@ -10,8 +11,8 @@ What the model layer uses (server/model/runner.py, server/adapters/lora.py):
 
 ``backend`` holds ``Backend`` (torch), ``TritonBackend`` (CUDA: ``triton/shrink.py``: ``triton_shrink``, then
 ``triton/expand.py``: ``triton_expand``; ``triton/paged_attention.py`` for attention) and ``select``;
-``cpu/`` the C kernels. ``ops`` is the LoRA op on loose tensors for kernel tests and benchmarks, ``testing``
-the references they check against. Triton is imported only when used.
+``cpu/`` the C kernels. ``ops`` is the LoRA op on loose tensors for the kernel tests, ``testing`` the
+references tests and benchmarks check against. Triton is imported only when used.
 """
 
 if __name__ == "loraplex.kernels":

@@ -1,4 +1,4 @@
-"""The LoRA op as functions of loose tensors (kernel tests, benchmarks): each call picks its backend
+"""The LoRA op as functions of loose tensors, for the kernel tests: each call picks its backend
 (``backend.select``) from the tensors; the model layer holds one backend instead, chosen at start-up.
 
     LORAPLEX_LORA_BACKEND=triton|native|torch   forces the LoRA op (read on every call)
