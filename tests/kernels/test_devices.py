@@ -64,3 +64,16 @@ def test_make_current_sets_the_cuda_device_only_for_cuda(monkeypatch):
     assert calls == []
     devices.make_current("cuda:3")
     assert calls == [torch.device("cuda", 3)]
+
+
+def test_serve_stores_a_bare_cuda_as_the_current_device(monkeypatch, tmp_path):
+    """`loraplex serve --device cuda` configures the device its tensors report (GetServerInfo says it)."""
+    from loraplex.server.api.cli import config_from_args
+    from loraplex.server.cli import build_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--device", "cuda"])
+    assert config_from_args(args).engine.model.device == "cuda:3"
