@@ -122,9 +122,9 @@ def config_from_args(args: argparse.Namespace):
     import torch
 
     from loraplex.kernels import devices
+    from loraplex.kernels.cpu.backend import check_adapter_dtype
     from loraplex.server.api.config import ServerConfig
     from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
-    from loraplex.server.model.runner import check_adapter_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")

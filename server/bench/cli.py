@@ -203,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     except ValueError as error:
         raise UserError(str(error)) from None
     dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
-    from loraplex.server.model.runner import check_adapter_dtype
+    from loraplex.kernels.cpu.backend import check_adapter_dtype
 
     try:
         check_adapter_dtype(args.adapter_dtype, dtype, args.device)

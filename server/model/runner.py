@@ -22,6 +22,7 @@ import torch
 
 from loraplex.kernels import backend as kernel_backend
 from loraplex.kernels import devices
+from loraplex.kernels.cpu.backend import check_adapter_dtype
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
@@ -38,22 +39,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_KV_TOKENS = 32768
-
-
-def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
-    """Raise ValueError unless `adapter_dtype` can store the adapters of a `dtype` model on `device`:
-    "auto" always; "bfloat16" for a float32 model on CPU, with the C kernel built (the only path that
-    takes bfloat16 pools with float32 activations)."""
-    if adapter_dtype == "auto":
-        return
-    if device.split(":")[0] != "cpu" or dtype != "float32":
-        raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
-                         f"{device} (on a GPU, serve the model itself in bfloat16)")
-    from loraplex.kernels.cpu import native
-
-    if not native.available():
-        raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
-                         f"{native.unavailable_reason()}")
 
 
 @dataclass
