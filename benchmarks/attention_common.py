@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.kernels.reference import paged_attention_reference
+from loraplex.kernels.testing import paged_attention_reference
 from loraplex.kernels.triton.paged_attention import paged_attention
 from loraplex.server.model.attention import PagedBatch
 from loraplex.server.model.step_buffers import StepBuffers

@@ -35,7 +35,7 @@ from lora_common import (CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, bytes_m
                          contiguous_slots, copy_bandwidth, make_pools, timer)
 from loraplex.kernels.triton.expand import triton_expand  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402
-from loraplex.kernels.reference import expand_reference, shrink_reference  # noqa: E402
+from loraplex.kernels.testing import expand_reference, shrink_reference  # noqa: E402
 from loraplex.kernels.triton.shrink import triton_shrink  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: dict(atol=6e-2, rtol=3e-2), torch.float16: dict(atol=1e-2, rtol=1e-2),

@@ -10,13 +10,13 @@ The model layer (server/adapters/lora.py, server/model/decoder.py) calls a `Back
 
 and never branches on the platform itself. Backends:
 
-    Backend        torch ops on any device: the LoRA op through ``torch_ops`` (or the Triton kernels / the
-                   reference when $LORAPLEX_LORA_BACKEND says so); the fallback of every platform
+    Backend        torch ops on any device: the LoRA op through ``torch_ops`` (or the Triton kernels when
+                   $LORAPLEX_LORA_BACKEND says so); the fallback of every platform
     TritonBackend  CUDA: the LoRA op through the Triton kernels (kernels/triton/)
     TorchCPUBackend, CPUBackend   CPU float32, without and with the C kernels (kernels/cpu/backend.py)
 
 ``select`` picks one from the device, the model's dtype and $LORAPLEX_LORA_BACKEND, which forces the LoRA
-op only (triton|native|torch|reference; native needs the C kernels).
+op only (triton|native|torch; native needs the C kernels).
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import devices, reference, torch_ops
-from .checks import resolve_slices
+from . import devices, torch_ops
 from .meta import LoRAMeta
 from .triton import configs
 
 BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
-LORA_OPS = ("triton", "native", "torch", "reference")
+LORA_OPS = ("triton", "native", "torch")
 
 
 def forced_lora_op() -> str:
@@ -160,8 +159,7 @@ class Backend:
 
 def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTensors, meta: LoRAMeta,
                 v: torch.Tensor | None, plans: torch_ops.PlanCache | None) -> torch.Tensor:
-    """Shrink then expand through the Triton kernels, the torch path, the reference or (lora_op "gather")
-    the per-token gathering reference, which a CUDA graph may capture."""
+    """Shrink then expand through the Triton kernels or the torch path."""
     if v is None:
         v = meta.workspace(pool.a.shape[0], pool.a.shape[2])
     if lora_op == "triton":
@@ -170,16 +168,6 @@ def run_lora_op(lora_op: str, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTe
 
         triton_shrink(x, pool.a, pool.ranks, meta, out=v)
         return triton_expand(v, pool.b_t, pool.ranks, pool.scale, meta, y, pool.slice_offsets, pool.slice_widths)
-    if lora_op == "reference":
-        torch_ops.check_shrink(x, pool.a, pool.ranks, meta, v)
-        torch_ops.check_expand(v, pool.b_t, pool.ranks, pool.scale, meta, y)
-        reference.shrink_reference(x, pool.a, pool.ranks, meta.slots, out=v)
-        offsets, widths = resolve_slices(v.shape[0], y.shape[1], pool.slice_offsets, pool.slice_widths)
-        return reference.expand_reference(v, pool.b_t, pool.ranks, pool.scale, meta.slots, y, offsets, widths)
-    if lora_op == "gather":  # device work only (tests of graph capture on CPU)
-        offsets, widths = resolve_slices(v.shape[0], y.shape[1], pool.slice_offsets, pool.slice_widths)
-        return reference.lora_gather_reference(x, pool.a, pool.b_t, pool.ranks, pool.scale, meta.slots, y,
-                                               offsets, widths)
     if lora_op == "native":
         raise ValueError(f"{BACKEND_ENV}=native runs float32 CPU tensors only, got {x.dtype} on {x.device}")
     torch_ops.torch_shrink(x, pool.a, pool.ranks, meta, out=v, plans=plans)

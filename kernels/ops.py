@@ -1,7 +1,7 @@
-"""The LoRA op as functions of loose tensors (kernel tests, benchmarks): each call picks its backend
+"""The LoRA op as functions of loose tensors, for the kernel tests: each call picks its backend
 (``backend.select``) from the tensors; the model layer holds one backend instead, chosen at start-up.
 
-    LORAPLEX_LORA_BACKEND=triton|native|torch|reference   forces the LoRA op (read on every call)
+    LORAPLEX_LORA_BACKEND=triton|native|torch   forces the LoRA op (read on every call)
 
 ``native`` is the C kernel (``kernels/cpu/``): ``lora_apply`` only (shrink and expand of a group in one
 call), CPU float32 activations with float32 or bfloat16 pools; unforced, CPU float32 steps take it as
@@ -31,12 +31,9 @@ from typing import Sequence
 
 import torch
 
-from . import reference, torch_ops
-from .backend import LORA_OPS, Pool, forced_lora_op, select
-from .checks import resolve_slices
+from . import torch_ops
+from .backend import Pool, forced_lora_op, select
 from .meta import LoRAMeta
-
-BACKENDS = LORA_OPS
 
 
 def select_backend(device: torch.device) -> str:
@@ -57,10 +54,7 @@ def lora_shrink(
     if backend == "triton":
         from .triton.shrink import triton_shrink
         return triton_shrink(x, A, ranks, meta, out=out)
-    if backend in ("torch", "native"):  # native fuses whole groups only (lora_apply)
-        return torch_ops.torch_shrink(x, A, ranks, meta, out=out)
-    torch_ops.check_shrink(x, A, ranks, meta, out)
-    return reference.shrink_reference(x, A, ranks, meta.slots, out=out)
+    return torch_ops.torch_shrink(x, A, ranks, meta, out=out)  # native fuses whole groups only (lora_apply)
 
 
 def lora_expand(
@@ -78,11 +72,7 @@ def lora_expand(
     if backend == "triton":
         from .triton.expand import triton_expand
         return triton_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
-    if backend in ("torch", "native"):
-        return torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
-    torch_ops.check_expand(v, B_t, ranks, scalings, meta, y)
-    offsets, widths = resolve_slices(v.shape[0], y.shape[1], slice_offsets, slice_widths)
-    return reference.expand_reference(v, B_t, ranks, scalings, meta.slots, y, offsets, widths)
+    return torch_ops.torch_expand(v, B_t, ranks, scalings, meta, y, slice_offsets, slice_widths)
 
 
 def lora_apply(

@@ -1,23 +1,27 @@
 """Engine configuration: one frozen, validated dataclass per concern.
 
 The CLI (and tests) build an `EngineConfig` once and pass it down; nothing reads globals.
-`SchedulerConfig` lives in `scheduler.py` beside the code it configures.
+This is the bottom floor: it imports only the standard library, so every layer above (api, engine,
+model, adapters) can import it. What needs torch or a kernel (making "cuda" the current device,
+checking that the CPU kernel is built) is checked where those are: the CLI and the model runner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import torch
-
-from loraplex.kernels import devices
-from loraplex.server.model.quantization import INT8_THRESHOLD
-from loraplex.server.engine.scheduler import SchedulerConfig
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 ADAPTER_DTYPES = ("auto", "bfloat16")
+
+# LLM.int8's outlier threshold: 0 quantizes every input column vector-wise, so each row's result is its
+# own; above 0, columns whose magnitude in ANY row of the batch exceeds it run in 16 bits, so a row's
+# result depends on the other rows (the other requests of the step).
+INT8_THRESHOLD = 0.0
+
+_DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class ModelConfig:
     dtype: str = "float32"
     """Compute dtype of activations, LoRA weights and (unquantized) base weights."""
     device: str = "cpu"
-    """"cpu" or "cuda[:N]"; kept as the device tensors report ("cuda" becomes "cuda:0", the current device)."""
+    """"cpu" or "cuda[:N]"; "cpu:N" is kept as "cpu", what CPU tensors report. A bare "cuda" is kept as
+    given: the CLI and the model runner make it the current CUDA device (`kernels.devices.normalize`)."""
     int8_threshold: float = INT8_THRESHOLD
     """LLM.int8's outlier threshold: 0 (pure vector-wise int8) keeps every request's tokens independent
     of the batch; bitsandbytes' 6.0 takes outlier columns, chosen over the whole batch, in 16 bits."""
@@ -40,13 +45,10 @@ class ModelConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
+        device = _DEVICE.fullmatch(str(self.device))
+        if device is None:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        object.__setattr__(self, "device", str(devices.normalize(device)))
+        object.__setattr__(self, "device", "cpu" if device.group(1) == "cpu" else device.group(0))
         if not self.int8_threshold >= 0.0:
             raise ValueError(f"int8_threshold must be >= 0, got {self.int8_threshold}")
 
@@ -77,22 +79,6 @@ class CacheConfig:
             raise ValueError(f"num_tokens must be >= block_size ({self.block_size}), got {self.num_tokens}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-
-
-def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
-    """Raise ValueError unless `adapter_dtype` can store the adapters of a `dtype` model on `device`:
-    "auto" always; "bfloat16" for a float32 model on CPU, with the C kernel built (the only path that
-    takes bfloat16 pools with float32 activations)."""
-    if adapter_dtype == "auto":
-        return
-    if device.split(":")[0] != "cpu" or dtype != "float32":
-        raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
-                         f"{device} (on a GPU, serve the model itself in bfloat16)")
-    from loraplex.kernels.cpu import native
-
-    if not native.available():
-        raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
-                         f"{native.unavailable_reason()}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +115,33 @@ class AdapterConfig:
         for name in ("adapter_root", "adapter_repo"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).resolve())
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences running (holding KV blocks) at once."""
+    max_num_batched_tokens: int = 2048
+    """Most positions computed in one step; longer prefills are chunked. At least max_num_seqs."""
+    max_adapters: int = 8
+    """Most distinct adapters (the base model not counted) among running sequences: device slots."""
+    max_model_len: int = 2048
+    """Most positions per sequence: virtual + prompt + max_new_tokens."""
+    max_bypass_steps: int = 16
+    """Steps in which later arrivals may be admitted ahead of a sequence blocked on KV blocks or
+    adapter slots; after that they wait behind it (0: strict first come first served)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            minimum = 0 if f.name == "max_bypass_steps" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{f.name} must be an integer >= {minimum}, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so that every running sequence gets its token each step"
+            )
 
 
 @dataclass(frozen=True)

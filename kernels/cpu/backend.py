@@ -118,3 +118,18 @@ def select_cpu(dtype: torch.dtype, pool_dtype: torch.dtype | None, lora_op: str 
     if lora_op == "native":
         raise ValueError(f"the C kernels could not be built: {native.unavailable_reason()}")
     return TorchCPUBackend("cpu", dtype, pool_dtype, lora_op)
+
+
+def check_adapter_dtype(adapter_dtype: str, dtype: str, device: str) -> None:
+    """Raise ValueError unless `adapter_dtype` can store the adapters of a `dtype` model on `device`:
+    "auto" always; "bfloat16" for a float32 model on CPU, with the C kernel built (the only path that
+    takes bfloat16 pools with float32 activations). The messages name the `loraplex serve` / `bench` flags:
+    both commands check with this function before anything loads, and the model runner when it builds."""
+    if adapter_dtype == "auto":
+        return
+    if device.split(":")[0] != "cpu" or dtype != "float32":
+        raise ValueError(f"--adapter-dtype {adapter_dtype} is for a float32 model on CPU, got --dtype {dtype} on "
+                         f"{device} (on a GPU, serve the model itself in bfloat16)")
+    if not native.available():
+        raise ValueError(f"--adapter-dtype {adapter_dtype} needs the CPU LoRA kernel, which could not be built: "
+                         f"{native.unavailable_reason()}")

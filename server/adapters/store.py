@@ -286,11 +286,6 @@ class AdapterStore:
                 self._request_load(entry)
             return entry.weights
 
-    def has_slot(self, key: str) -> bool:
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry is not None and entry.slot is not None
-
     def failure(self, key: str) -> EngineError | None:
         """Why the adapter's requests cannot run, if they cannot: its last background reload failed
         (its files changed on disk: UNAVAILABLE), or it is quarantined (FAILED_PRECONDITION)."""

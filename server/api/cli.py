@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def parse_adapter(text: str) -> tuple[str, str]:
 def config_from_args(args: argparse.Namespace):
     import torch
 
+    from loraplex.kernels import devices
+    from loraplex.kernels.cpu.backend import check_adapter_dtype
     from loraplex.server.api.config import ServerConfig
-    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig, check_adapter_dtype
+    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -139,9 +142,12 @@ def config_from_args(args: argparse.Namespace):
             raise UserError(f"{flag} {path} is not a directory")
     try:
         check_adapter_dtype(args.adapter_dtype, dtype, device)  # refused before the model loads
+        model = ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
+                            dtype=dtype, device=device, int8_threshold=args.int8_threshold)
+        # "cuda" as the device its tensors report (the current one, "cuda:0" unless set): what GetServerInfo says
+        model = dataclasses.replace(model, device=str(devices.normalize(model.device)))
         engine = EngineConfig(
-            model=ModelConfig(path=args.model, quantization=args.quantization or ("nf4" if on_cuda else "none"),
-                              dtype=dtype, device=device, int8_threshold=args.int8_threshold),
+            model=model,
             cache=CacheConfig(num_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching),
             adapters=AdapterConfig(max_rank=args.max_rank, max_device_adapters=args.max_device_adapters,
                                    max_host_adapters=args.max_host_adapters, adapter_root=args.adapter_root,

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from loraplex.server.bench.report import bandwidth_floor, machine_info, render, render_scale
 from loraplex.server.bench.workload import ALL_PROJECTIONS, POPULARITY_LAWS, ModelShape
-from loraplex.server.config import check_adapter_dtype
 from loraplex.server.errors import UserError
 
 # Targets of the CPU workload (the defaults), as ratios between the systems' throughputs.
@@ -204,6 +203,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     except ValueError as error:
         raise UserError(str(error)) from None
     dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
+    from loraplex.kernels.cpu.backend import check_adapter_dtype
+
     try:
         check_adapter_dtype(args.adapter_dtype, dtype, args.device)
     except ValueError as error:

@@ -76,9 +76,8 @@ def prepare(config: ScaleConfig, workdir: Path, log) -> tuple[Path, dict[str, Pa
 
 
 def make_engine(config: ScaleConfig, model_dir: Path, slots: int, host: int):
-    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
+    from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from loraplex.server.engine.engine import LLMEngine
-    from loraplex.server.engine.scheduler import SchedulerConfig
 
     per_request = config.prompt_len + config.new_tokens
     return LLMEngine(EngineConfig(

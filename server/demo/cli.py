@@ -232,16 +232,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace, model: Path, adapter_root: Path):
+    import dataclasses
+
     import torch
 
+    from loraplex.kernels import devices
     from loraplex.server.api.config import ServerConfig
     from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
+    model_config = ModelConfig(path=model, quantization="nf4" if on_cuda else "none",
+                               dtype="bfloat16" if on_cuda else "float32", device=device)
     engine = EngineConfig(
-        model=ModelConfig(path=model, quantization="nf4" if on_cuda else "none",
-                          dtype="bfloat16" if on_cuda else "float32", device=device),
+        model=dataclasses.replace(model_config, device=str(devices.normalize(model_config.device))),
         cache=CacheConfig(num_tokens=16384),
         adapters=AdapterConfig(max_rank=16, max_device_adapters=4, max_host_adapters=8, adapter_root=adapter_root),
     )

@@ -46,41 +46,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from loraplex.server.config import SchedulerConfig
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.errors import EngineError, InvalidArgument
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
 
 _BLOCKS = "blocks"
 _ADAPTERS = "adapter slots"
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    """Most sequences running (holding KV blocks) at once."""
-    max_num_batched_tokens: int = 2048
-    """Most positions computed in one step; longer prefills are chunked. At least max_num_seqs."""
-    max_adapters: int = 8
-    """Most distinct adapters (the base model not counted) among running sequences: device slots."""
-    max_model_len: int = 2048
-    """Most positions per sequence: virtual + prompt + max_new_tokens."""
-    max_bypass_steps: int = 16
-    """Steps in which later arrivals may be admitted ahead of a sequence blocked on KV blocks or
-    adapter slots; after that they wait behind it (0: strict first come first served)."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            minimum = 0 if f.name == "max_bypass_steps" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{f.name} must be an integer >= {minimum}, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}) so that every running sequence gets its token each step"
-            )
 
 
 @dataclass(frozen=True)

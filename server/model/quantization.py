@@ -5,15 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from loraplex.server.config import INT8_THRESHOLD
+
 # bitsandbytes warns at import, on AVX512-BF16 CPUs, that the optional `kernels` package for its packed
 # 4-bit CPU path is missing; loraplex keeps 4-bit layers off that path (below), so it is not news.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-# LLM.int8's outlier threshold: 0 quantizes every input column vector-wise, so each row's result is its
-# own; above 0, columns whose magnitude in ANY row of the batch exceeds it run in 16 bits, so a row's
-# result depends on the other rows (the other requests of the step).
-INT8_THRESHOLD = 0.0
 
 
 def bnb_config(quantization: str, compute_dtype: Any, int8_threshold: float = INT8_THRESHOLD):

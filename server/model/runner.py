@@ -22,11 +22,12 @@ import torch
 
 from loraplex.kernels import backend as kernel_backend
 from loraplex.kernels import devices
+from loraplex.kernels.cpu.backend import check_adapter_dtype
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.server.model import attention
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.loader import AdapterWeights, BaseModelSpec
-from loraplex.server.config import EngineConfig, check_adapter_dtype
+from loraplex.server.config import EngineConfig
 from loraplex.server.model.decode_graphs import ATTACH_BYTES_PER_ROW, DecodeGraphs
 from loraplex.server.model.decoder import DecoderForward
 from loraplex.server.model.step_buffers import StepAttachment, StepBuffers

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from loraplex.kernels import backend as kernel_backend
+from loraplex.kernels import testing
 from loraplex.server.model import attention
 from loraplex.server.model.decode_graphs import VARIANTS, DecodeGraphs
 from tests.engine.graph_record import recorder
@@ -23,8 +24,7 @@ from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
 @pytest.fixture
 def graph_safe_cpu(monkeypatch):
     """Every op of the step an aten op: torch backend, gathering LoRA op, torch attention."""
-    monkeypatch.setattr(kernel_backend, "select",
-                        lambda device, dtype, pool_dtype=None: kernel_backend.Backend(device, dtype, pool_dtype, "gather"))
+    monkeypatch.setattr(kernel_backend, "select", testing.GatherBackend)
     monkeypatch.setenv(attention.BACKEND_ENV, "torch")
 
 

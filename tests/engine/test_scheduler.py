@@ -16,7 +16,8 @@ import pytest
 
 from loraplex.server.engine.block_manager import BlockAllocationError, BlockManager
 from loraplex.server.errors import InvalidArgument
-from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.config import SchedulerConfig
+from loraplex.server.engine.scheduler import Scheduler
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
 from tests.engine.block_invariants import assert_block_invariants
 

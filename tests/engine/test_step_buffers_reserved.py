@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from loraplex.server.engine.scheduler import SchedulerConfig
+from loraplex.server.config import SchedulerConfig
 from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 

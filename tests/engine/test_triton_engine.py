@@ -36,7 +36,7 @@ def test_every_adapter_type_through_triton_attention_and_lora_kernels_matches_pe
     block_size 4 so contexts end mid-block."""
     import peft
 
-    from loraplex.server.engine.scheduler import SchedulerConfig
+    from loraplex.server.config import SchedulerConfig
     from loraplex.server.model import attention
 
     monkeypatch.setitem(TYPE_CONFIGS, "lora-mixed-ranks", lambda: peft.LoraConfig(

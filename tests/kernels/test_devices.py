@@ -8,7 +8,7 @@ import torch
 from loraplex.kernels import devices
 from loraplex.kernels.triton.expand import triton_expand
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.reference import expand_reference, shrink_reference
+from loraplex.kernels.testing import expand_reference, shrink_reference
 from loraplex.kernels.triton.shrink import triton_shrink
 from loraplex.server.config import ModelConfig
 
@@ -25,10 +25,10 @@ def test_normalize_gives_what_tensors_report():
     assert not devices.same_device("cuda:1", "cuda:0")
 
 
-@pytest.mark.parametrize("given, stored", [("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda:0"), ("cuda:2", "cuda:2")])
-def test_model_config_stores_the_normalised_device(given, stored):
-    if given == "cuda" and torch.cuda.is_available():
-        stored = f"cuda:{torch.cuda.current_device()}"
+@pytest.mark.parametrize("given, stored", [("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda"), ("cuda:2", "cuda:2")])
+def test_model_config_stores_the_device_spelling_without_torch(given, stored):
+    """The config (no torch) drops a CPU index; a bare "cuda" becomes the current device where torch is:
+    the CLI (`loraplex serve`, `demo`) and the model runner normalise it."""
     assert ModelConfig(path=".", device=given).device == stored
 
 
@@ -64,3 +64,16 @@ def test_make_current_sets_the_cuda_device_only_for_cuda(monkeypatch):
     assert calls == []
     devices.make_current("cuda:3")
     assert calls == [torch.device("cuda", 3)]
+
+
+def test_serve_stores_a_bare_cuda_as_the_current_device(monkeypatch, tmp_path):
+    """`loraplex serve --device cuda` configures the device its tensors report (GetServerInfo says it)."""
+    from loraplex.server.api.cli import config_from_args
+    from loraplex.server.cli import build_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--device", "cuda"])
+    assert config_from_args(args).engine.model.device == "cuda:3"

@@ -105,7 +105,7 @@ def test_triton_wants_cuda_unless_interpreting(monkeypatch):
 
 def test_strided_views_are_accepted_where_documented():
     """v may be a [:, :T] view of a bigger buffer and x/y row-strided: the launchers pass strides."""
-    from loraplex.kernels.reference import expand_reference, shrink_reference
+    from loraplex.kernels.testing import expand_reference, shrink_reference
 
     args = shrink_args()
     big_x = torch.randn(T, 2 * H)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loraplex.kernels as K
-from loraplex.kernels import reference
+from loraplex.kernels import ops, testing
 from loraplex.kernels.cpu import backend as cpu_backend
 from loraplex.kernels.cpu import native
 from tests.kernels.cases import TOLERANCE, layout, make_problem
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel unavai
 
 
 def _expected(p):
-    v = reference.shrink_reference(p.x, p.A, p.ranks, p.slots)
-    return reference.expand_reference(v, p.B_t, p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets, p.widths)
+    v = testing.shrink_reference(p.x, p.A, p.ranks, p.slots)
+    return testing.expand_reference(v, p.B_t, p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets, p.widths)
 
 
 @pytest.mark.parametrize("T", [1, 5, 16, 37, 130])
@@ -73,7 +73,7 @@ def test_lora_apply_picks_native_for_short_segments_only(monkeypatch):
         p, _ = layout(make_problem(T, 64, 2, mix, torch.float32, seed=2), contiguous=True)
         meta = K.LoRAMeta.allocate(256, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
         y = p.y0.clone()
-        K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+        ops.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
         assert calls == expected
         torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
 
@@ -83,7 +83,7 @@ def test_forced_native_refuses_other_dtypes(monkeypatch):
     p = make_problem(4, 64, 1, "distinct", torch.float16, seed=1)
     meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots)
     with pytest.raises(ValueError, match="native runs float32 CPU tensors only"):
-        K.lora_apply(p.x, p.y0.clone(), p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+        ops.lora_apply(p.x, p.y0.clone(), p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
 
 
 def test_bad_shapes_are_refused_before_the_call():
@@ -178,7 +178,7 @@ def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     p, _ = layout(make_problem(8, 64, 2, "distinct", torch.float32, seed=3), contiguous=True)
     meta = K.LoRAMeta.allocate(8, p.A.shape[1], "cpu").update(p.slots, contiguous=True)
     y = p.y0.clone()
-    K.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    ops.lora_apply(p.x, y, p.A, p.B_t, p.ranks, p.scalings, meta, p.offsets, p.widths)
     torch.testing.assert_close(y, _expected(p), **TOLERANCE[torch.float32])
 
 
@@ -206,8 +206,8 @@ def test_bfloat16_pools_match_the_widened_weights(T, mix, contiguous):
     A16, B16 = p.A.bfloat16(), p.B_t.bfloat16()
     meta = K.LoRAMeta.allocate(64, p.A.shape[1], "cpu").update(p.slots, contiguous=contiguous)
     y = p.y0.clone()
-    K.lora_apply(p.x, y, A16, B16, p.ranks, p.scalings, meta, p.offsets, p.widths)
-    v = reference.shrink_reference(p.x, A16.float(), p.ranks, p.slots)
-    expected = reference.expand_reference(v, B16.float(), p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets,
+    ops.lora_apply(p.x, y, A16, B16, p.ranks, p.scalings, meta, p.offsets, p.widths)
+    v = testing.shrink_reference(p.x, A16.float(), p.ranks, p.slots)
+    expected = testing.expand_reference(v, B16.float(), p.ranks, p.scalings, p.slots, p.y0.clone(), p.offsets,
                                           p.widths)
     torch.testing.assert_close(y, expected, **TOLERANCE[torch.float32])

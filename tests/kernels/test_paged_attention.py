@@ -1,12 +1,12 @@
 """The Triton paged attention kernel (interpreted on CPU) against the float32 SDPA reference over each
-sequence's gathered context (`kernels/reference.py`)."""
+sequence's gathered context (`kernels/testing.py`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.kernels.reference import paged_attention_reference
+from loraplex.kernels.testing import paged_attention_reference
 from loraplex.kernels.triton.paged_attention import paged_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}

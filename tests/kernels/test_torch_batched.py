@@ -10,7 +10,7 @@ import torch
 
 from loraplex.kernels import torch_ops
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.reference import expand_reference, shrink_reference
+from loraplex.kernels.testing import expand_reference, shrink_reference
 from tests.kernels.cases import TOLERANCE
 
 S, R = 16, 32

@@ -20,7 +20,7 @@ import torch
 
 from loraplex.kernels.triton.expand import triton_expand
 from loraplex.kernels.meta import LoRAMeta
-from loraplex.kernels.reference import expand_reference, shrink_reference
+from loraplex.kernels.testing import expand_reference, shrink_reference
 from loraplex.kernels.triton.shrink import triton_shrink
 from tests.kernels.cases import MIXES, TOLERANCE, V_POISON, check_v, layout, make_problem
 

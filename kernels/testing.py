@@ -1,5 +1,10 @@
-"""Plain torch references for shrink and expand (a loop over slots) and paged attention (a loop over
-sequences), in fp32. The test oracles.
+"""For tests and benchmarks only: the plain torch references every backend is checked against, and a
+backend whose LoRA op is device work only. No production module imports this one.
+
+``shrink_reference``, ``expand_reference`` (a loop over slots) and ``paged_attention_reference`` (a
+loop over sequences) compute in fp32: the test oracles. ``GatherBackend`` runs the torch backend with
+``lora_gather_reference``, which a CUDA graph (or tests/engine/test_graph_capture.py's op recording)
+may capture.
 
 They read the per-token slot vector directly (not ``LoRAMeta``), so tests of the kernels also test
 the metadata. Shapes and semantics are those of ``ops.lora_shrink`` / ``ops.lora_expand``:
@@ -16,6 +21,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .backend import Backend, LoRAPoolTensors
+from .checks import resolve_slices
 
 
 def shrink_reference(
@@ -133,3 +141,15 @@ def paged_attention_reference(
         out[row : row + n] = o[0].transpose(0, 1)
         row += n
     return out
+
+
+class GatherBackend(Backend):
+    """The torch backend whose LoRA op is ``lora_gather_reference``: every op of a step an aten op, with no
+    host read, so graph-capture tests can record a step on CPU."""
+
+    name = "gather"
+
+    def lora_apply(self, x: torch.Tensor, y: torch.Tensor, pool: LoRAPoolTensors, prepared: object | None,
+                   step: object, v: torch.Tensor | None = None) -> torch.Tensor:
+        offsets, widths = resolve_slices(pool.a.shape[0], y.shape[1], pool.slice_offsets, pool.slice_widths)
+        return lora_gather_reference(x, pool.a, pool.b_t, pool.ranks, pool.scale, step.slots, y, offsets, widths)
