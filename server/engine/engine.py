@@ -31,13 +31,13 @@ from typing import AsyncIterator, Callable
 from loraplex.server.adapters.kind import AdapterKind
 from loraplex.server.adapters.store import AdapterInfo, AdapterStore
 from loraplex.server.engine.block_manager import BlockManager
-from loraplex.server.config import EngineConfig
+from loraplex.server.config import EngineConfig, SchedulerConfig
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraplex.server.errors import EngineError, InvalidArgument, Unavailable
 from loraplex.server.failures import internal_error_message, report_internal_error
 from loraplex.server.model.runner import ModelRunner, StepInput
 from loraplex.server.model.sampling import Sampler, SamplingParams
-from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
+from loraplex.server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from loraplex.server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
