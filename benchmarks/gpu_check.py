@@ -161,14 +161,11 @@ def section_preflight(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------- 1. kernels
 def section_kernels(ctx: Context) -> dict:
-    from lora_kernels_gpu import check_case, check_graph
+    from common.lora_checks import CASES, SMOKE_CASES, check_case, check_graph
 
-    cases = [(1, 96, (96,), "identical"), (7, 200, (200, 53, 53), "no_adapter"),
-             (64, 4096, (4096, 1024, 1024), "distinct"), (133, 3424, (3424, 1715), "skewed"),
-             (2048, 4096, (4096, 1024, 1024), "zipf"), (300, 11008, (4096,), "no_adapter")]
-    dtypes = (torch.bfloat16, torch.float16)
+    cases, dtypes = CASES, (torch.bfloat16, torch.float16)
     if ctx.smoke:  # the interpreter computes bfloat16 wrongly: float16 and float32 only
-        cases, dtypes = cases[:2] + [(133, 200, (200, 96), "skewed")], (torch.float16, torch.float32)
+        cases, dtypes = SMOKE_CASES, (torch.float16, torch.float32)
     rows = []
     for dtype in dtypes:
         for seed, (tokens, hidden, widths, mix) in enumerate(cases):
@@ -185,8 +182,8 @@ def section_kernels(ctx: Context) -> dict:
 def section_attention(ctx: Context) -> dict:
     from types import SimpleNamespace
 
-    from attention_common import workload
-    from lora_common import timer
+    from common.attention import workload
+    from common.timing import timer
     from loraplex.kernels.triton.paged_attention import decode_splits
     from loraplex.server.model import attention
     from loraplex.server.model.step_buffers import StepBuffers
@@ -487,7 +484,7 @@ def section_nf4(ctx: Context) -> dict:
 
 # ----------------------------------------------------------------------------- 5. decode
 def copy_bandwidth(ctx: Context) -> float:
-    from lora_common import copy_bandwidth as measure
+    from common.timing import copy_bandwidth as measure
 
     return measure(ctx.device)
 

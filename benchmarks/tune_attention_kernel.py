@@ -24,10 +24,10 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 
 import torch  # noqa: E402
 
-from attention_common import workload  # noqa: E402
-from lora_common import timer  # noqa: E402
+from common.attention import workload  # noqa: E402
+from common.timing import timer  # noqa: E402
+from common.tuning import BEGIN, END, emit, provenance  # noqa: E402
 from loraplex.kernels.triton import attention_configs  # noqa: E402
-from tuning import BEGIN, END, emit, provenance  # noqa: E402
 
 CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "attention_configs.py"
 # (query_lens, kv_lens) per class: GPU shapes, then --smoke's

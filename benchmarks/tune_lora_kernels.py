@@ -26,12 +26,13 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 
 import torch  # noqa: E402
 
-from lora_common import CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, contiguous_slots, make_pools, timer  # noqa: E402
+from common.lora import CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, contiguous_slots, make_pools  # noqa: E402
+from common.timing import timer  # noqa: E402
+from common.tuning import BEGIN, END, emit, provenance  # noqa: E402
 from loraplex.kernels.triton import configs  # noqa: E402
 from loraplex.kernels.triton.expand import triton_expand  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402
 from loraplex.kernels.triton.shrink import triton_shrink  # noqa: E402
-from tuning import BEGIN, END, emit, provenance  # noqa: E402
 
 CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "configs.py"
 

@@ -1,8 +1,8 @@
-"""Shapes, pools, byte counts and timers shared by the LoRA kernel benchmark and tuning scripts."""
+"""LoRA kernel workloads shared by the kernel benchmark, the tuner and the GPU check: a 7B layer's shapes,
+the cases timed, random adapter pools and the bytes a perfect kernel moves."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -74,32 +74,3 @@ def bytes_moved(tokens: int, adapters: int, rank: int, in_features: int, widths:
     shrink = adapters * ns * rank * in_features * esize + tokens * in_features * esize + v
     expand = adapters * rank * out_total * esize + v + 2 * tokens * out_total * esize
     return {"shrink": shrink, "expand": expand, "both": shrink + expand}
-
-
-def timer(device: torch.device):
-    """Median GPU time in seconds (triton's do_bench, L2 flushed between reps) or, on CPU, the best of a few."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn, rep=100: do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e-3
-
-    def cpu_time(fn, rep=None):
-        fn()
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    return cpu_time
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    if device.type != "cuda":
-        nbytes = 1 << 24
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = timer(device)(lambda: dst.copy_(src))
-    return 2 * nbytes / seconds
