@@ -119,7 +119,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, float32, Triton interpreter")
     parser.add_argument("--json", type=Path, help="result file (default: $OUT/gpu_check.json when $OUT is set)")
-    parser.add_argument("--only", help="comma-separated sections to run (default: all)")
+    parser.add_argument("--only", help="comma-separated sections to run (default: all; preflight always runs)")
     parser.add_argument("--budget", type=float, default=450.0,
                         help="seconds; sections not started by then are skipped (default 450)")
     parser.add_argument("--workdir", type=Path, help="keep models and adapters here (default: a temporary directory)")
@@ -130,9 +130,10 @@ def main() -> int:
         return 2
     out = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     only = set(args.only.split(",")) if args.only else {name for name, _ in SECTIONS}
-    unknown = only - {name for name, _ in SECTIONS}
+    names = ["preflight"] + [name for name, _ in SECTIONS]  # preflight runs whatever --only says
+    unknown = only - set(names)
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from {[name for name, _ in SECTIONS]}")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {names}")
     if args.smoke:
         torch.set_num_threads(1)  # tiny ops: a second thread only adds stalls on a shared machine
 
