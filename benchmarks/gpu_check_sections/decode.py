@@ -17,6 +17,7 @@ MIXED_OVER_BASE_TARGET = 0.85  # decode throughput with 8 distinct adapters over
 
 def section_decode(ctx: Context) -> dict:
     from common.timing import copy_bandwidth
+    from loraplex.server.bench.systems import LoraplexSystem
     from loraplex.server.bench.workload import ALL_PROJECTIONS, build_adapters as build_loras
 
     s = ctx.sizes
@@ -49,7 +50,7 @@ def section_decode(ctx: Context) -> dict:
     base_median, _ = decode_median({rid: (prompt, None) for rid, (prompt, _) in requests.items()})
     mixed8 = {rid: (prompt, f"a{i % 8}") for i, (rid, (prompt, _)) in enumerate(requests.items())}
     mixed8_median, _ = decode_median(mixed8)
-    base_bytes = weight_bytes(engine.runner)
+    base_bytes = LoraplexSystem(engine).model_bytes()  # what `loraplex bench` counts in its floor
     weights = [engine.get_adapter(f"a{i}") for i in range(s.decode_batch)]
     adapters_bytes = sum(info.size_bytes for info in weights)  # the host tier is in the serving dtype
     bandwidth = copy_bandwidth(ctx.device)
@@ -67,22 +68,6 @@ def section_decode(ctx: Context) -> dict:
         result.update(kernel_launches_per_step=NEEDS_CUDA, copies_per_step=NEEDS_CUDA, gpu_busy_fraction=NEEDS_CUDA)
     release(engine)
     return result
-
-
-def weight_bytes(runner) -> int:
-    """Bytes of the model's resident weights (views of one fused weight counted once)."""
-    storages = {}
-    tensors = list(runner.model.parameters())
-    tensors += [t for m in runner.lora_table.values() if m.group.fused
-                for t in (m.group.projection.weight, m.group.projection.bias) if t is not None]
-    for t in tensors:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # oneDNN's packed layout has no plain storage
-            storages[id(t)] = t.numel() * t.element_size()
-            continue
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def profile_step(ctx: Context, engine, requests) -> dict:

@@ -140,22 +140,13 @@ def generate(engine, requests: dict[str, tuple[list[int], str | None]], new_toke
 
 
 def load_peft(ctx: Context, model_dir: Path, adapter: Path | None, quantization: str):
+    """The base model as `loraplex bench` loads it for transformers, with `adapter` through peft."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
+    from loraplex.server.bench.systems import load_hf_model
 
-    dtype = getattr(torch, ctx.dtype)
-    kwargs: dict = {"dtype": dtype}
-    if quantization != "none":
-        kwargs.update(quantization_config=bnb_config(quantization, dtype), device_map={"": str(ctx.device)})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if quantization == "none":
-        model.to(ctx.device)
-    if dtype != torch.bfloat16:
-        keep_bnb_off_packed_cpu_path(model)
-    model = model if adapter is None else PeftModel.from_pretrained(model, adapter)
-    return model.eval()
+    model = load_hf_model(model_dir, ctx.dtype, quantization, str(ctx.device))
+    return model if adapter is None else PeftModel.from_pretrained(model, adapter).eval()
 
 
 @torch.no_grad()
