@@ -448,7 +448,7 @@ def bench_config_dict(config: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loraplex.server.bench.cli` / benchmarks/bench.py: the subcommand on its own."""
+    """`python -m loraplex.server.bench.cli`: the subcommand on its own."""
     from loraplex.server.cli import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
