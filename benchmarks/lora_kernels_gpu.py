@@ -31,10 +31,10 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common.lora import (CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, bytes_moved,  # noqa: E402
-                         contiguous_slots, make_pools)
-from common.lora_checks import CASES as CHECK_CASES, SMOKE_CASES, check_case, check_graph  # noqa: E402
-from common.timing import copy_bandwidth, timer  # noqa: E402
+from bench_common.lora import (CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, bytes_moved,  # noqa: E402
+                               contiguous_slots, make_pools)
+from bench_common.lora_checks import CASES as CHECK_CASES, SMOKE_CASES, check_case, check_graph  # noqa: E402
+from bench_common.timing import copy_bandwidth, timer  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402
 from loraplex.kernels.testing import expand_reference, shrink_reference  # noqa: E402
 from loraplex.kernels.triton.expand import triton_expand  # noqa: E402

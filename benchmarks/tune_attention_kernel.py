@@ -24,9 +24,9 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 
 import torch  # noqa: E402
 
-from common.attention import workload  # noqa: E402
-from common.timing import timer  # noqa: E402
-from common.tuning import BEGIN, END, emit, provenance  # noqa: E402
+from bench_common.attention import workload  # noqa: E402
+from bench_common.timing import timer  # noqa: E402
+from bench_common.tuning import BEGIN, END, emit, provenance  # noqa: E402
 from loraplex.kernels.triton import attention_configs  # noqa: E402
 
 CONFIGS_PY = Path(__file__).resolve().parent.parent / "kernels" / "triton" / "attention_configs.py"

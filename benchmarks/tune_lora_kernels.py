@@ -26,9 +26,9 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 
 import torch  # noqa: E402
 
-from common.lora import CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, contiguous_slots, make_pools  # noqa: E402
-from common.timing import timer  # noqa: E402
-from common.tuning import BEGIN, END, emit, provenance  # noqa: E402
+from bench_common.lora import CASES_7B, CASES_SMOKE, GROUPS_7B, GROUPS_SMOKE, contiguous_slots, make_pools  # noqa: E402
+from bench_common.timing import timer  # noqa: E402
+from bench_common.tuning import BEGIN, END, emit, provenance  # noqa: E402
 from loraplex.kernels.triton import configs  # noqa: E402
 from loraplex.kernels.triton.expand import triton_expand  # noqa: E402
 from loraplex.kernels.meta import LoRAMeta  # noqa: E402

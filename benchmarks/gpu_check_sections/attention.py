@@ -14,8 +14,8 @@ ATTENTION_TARGET = 0.7
 def section_attention(ctx: Context) -> dict:
     from types import SimpleNamespace
 
-    from common.attention import workload
-    from common.timing import copy_bandwidth, timer
+    from bench_common.attention import workload
+    from bench_common.timing import copy_bandwidth, timer
     from loraplex.kernels.triton.paged_attention import decode_splits
     from loraplex.server.model import attention
     from loraplex.server.model.step_buffers import StepBuffers

@@ -16,7 +16,7 @@ MIXED_OVER_BASE_TARGET = 0.85  # decode throughput with 8 distinct adapters over
 
 
 def section_decode(ctx: Context) -> dict:
-    from common.timing import copy_bandwidth
+    from bench_common.timing import copy_bandwidth
     from loraplex.server.bench.systems import LoraplexSystem
     from loraplex.server.bench.workload import ALL_PROJECTIONS, build_adapters as build_loras
 

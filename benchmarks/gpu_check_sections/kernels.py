@@ -9,7 +9,7 @@ from gpu_check_sections.context import NEEDS_CUDA, Context
 
 
 def section_kernels(ctx: Context) -> dict:
-    from common.lora_checks import CASES, SMOKE_CASES, check_case, check_graph
+    from bench_common.lora_checks import CASES, SMOKE_CASES, check_case, check_graph
 
     cases, dtypes = CASES, (torch.bfloat16, torch.float16)
     if ctx.smoke:  # the interpreter computes bfloat16 wrongly: float16 and float32 only

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from common.lora import make_pools
+from bench_common.lora import make_pools
 from loraplex.kernels.meta import LoRAMeta
 from loraplex.kernels.testing import expand_reference, shrink_reference
 from loraplex.kernels.triton.expand import triton_expand
