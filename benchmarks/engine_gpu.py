@@ -31,7 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from loraplex.server.bench.cli import BenchConfig, bench_local
+from loraplex.server.bench.compare import bench_local
+from loraplex.server.bench.config import BenchConfig
 from loraplex.server.bench.report import render
 from loraplex.server.bench.workload import ModelShape
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraplex.server.bench.cli import BenchConfig
+    from loraplex.server.bench.config import BenchConfig
 
 TARGETS = {"ttft_cached_over_uncached": 0.3, "throughput_cached_over_uncached": 1.5,
            "default_cached_over_uncached": 0.98}
@@ -37,11 +37,11 @@ LABELS = {
 
 
 def bench_prefix(config: BenchConfig, system_len: int, workdir: Path, log) -> dict:
-    from loraplex.server.bench.cli import bench_config_dict, engine_config, prepare
+    from loraplex.server.bench.config import bench_config_dict, engine_config
     from loraplex.server.bench.measure import median_ratio, round_orders, summarize
     from loraplex.server.bench.report import machine_info
     from loraplex.server.bench.systems import LoraplexSystem
-    from loraplex.server.bench.workload import draw_adapters, random_prompts
+    from loraplex.server.bench.workload import draw_adapters, prepare, random_prompts
 
     model_dir, adapters = prepare(config, workdir, log)
     ids = list(adapters)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loraplex.server.bench.cli import BenchConfig
+    from loraplex.server.bench.config import BenchConfig
 
 
 def bandwidth_floor(config: BenchConfig, system, adapters: dict[str, Path], summaries: dict) -> dict:

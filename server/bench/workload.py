@@ -12,10 +12,15 @@ zero and every adapter changes the output.
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraplex.server.bench.config import BenchConfig
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POPULARITY_LAWS = ("distinct", "uniform", "zipf")
@@ -127,3 +132,26 @@ def random_prompts(vocab_size: int, count: int, length: int, rng: random.Random)
     """Random token ids, avoiding the first two ids (the tokenizer's EOS and PAD)."""
     low = 2 if vocab_size > 2 else 0
     return [[rng.randrange(low, vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def prepare(config: BenchConfig, workdir: Path, log) -> tuple[Path, dict[str, Path]]:
+    """Generate (or reuse, when workdir holds the same settings) the model and the adapters."""
+    from loraplex.server.bench.workload import build_adapters, build_model
+
+    save_dtype = config.dtype  # a half-precision run writes half the bytes (1B-parameter GPU runs)
+    spec = {"shape": asdict(config.shape), "ranks": config.adapter_ranks, "targets": list(config.targets),
+            "seed": config.seed, "save_dtype": save_dtype}
+    spec_file = workdir / "bench-spec.json"
+    model_dir, adapter_root = workdir / "model", workdir / "adapters"
+    ids = [f"a{i:04d}" for i in range(config.num_adapters)]
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        log(f"reusing the model and {len(ids)} adapters in {workdir}")
+    else:
+        spec_file.unlink(missing_ok=True)
+        log(f"generating a {config.shape.hidden_size} x {config.shape.num_layers} model and "
+            f"{len(ids)} adapters in {workdir}")
+        build_model(model_dir, config.shape, seed=config.seed, save_dtype=save_dtype)
+        build_adapters(model_dir, adapter_root, config.adapter_ranks, config.targets, seed=config.seed,
+                       save_dtype=save_dtype, log=log)
+        spec_file.write_text(json.dumps(spec))
+    return model_dir, {adapter_id: adapter_root / adapter_id for adapter_id in ids}
