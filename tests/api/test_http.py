@@ -24,7 +24,7 @@ from loraplex.clients import Client
 from loraplex.server.api import openai_protocol
 from loraplex.server.api.config import ServerConfig
 from tests.api.helpers import ServerThread, engine_config, scrape
-from tests.engine.helpers import make_lora_adapter
+from tests.engine_support import make_lora_adapter
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -20,7 +20,7 @@ from loraplex.clients import Client
 from loraplex.server.api.config import ServerConfig
 from loraplex.server.cli import main
 from tests.api.helpers import ServerThread, engine_config, fetch
-from tests.engine.helpers import make_lora_adapter
+from tests.engine_support import make_lora_adapter
 
 PROMPT = "Q: Where do fish live?\nA:"
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.server.errors import FailedPrecondition, NotFound
-from tests.engine.helpers import make_engine, make_lora_adapter
+from tests.engine_support import make_engine, make_lora_adapter
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.engine.helpers import make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import make_engine, make_lora_adapter, run_until_done, submit
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

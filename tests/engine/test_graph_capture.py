@@ -17,8 +17,7 @@ from loraplex.kernels import testing
 from loraplex.server.model import attention
 from loraplex.server.model.decode_graphs import VARIANTS, DecodeGraphs
 from tests.engine.graph_record import recorder
-from tests.engine.helpers import PROMPTS, make_engine, run_until_done, submit
-from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
+from tests.engine_support import PROMPTS, TYPE_CONFIGS, make_adapter, make_engine, run_until_done, submit
 
 
 @pytest.fixture
