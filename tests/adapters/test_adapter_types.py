@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from loraplex.server.train.config import TrainConfig
 from loraplex.server.train.trainer import train
