@@ -3,7 +3,7 @@ backend whose LoRA op is device work only. No production module imports this one
 
 ``shrink_reference``, ``expand_reference`` (a loop over slots) and ``paged_attention_reference`` (a
 loop over sequences) compute in fp32: the test oracles. ``GatherBackend`` runs the torch backend with
-``lora_gather_reference``, which a CUDA graph (or tests/engine/test_graph_capture.py's op recording)
+``lora_gather_reference``, which a CUDA graph (or tests/model/test_graph_capture.py's op recording)
 may capture.
 
 They read the per-token slot vector directly (not ``LoRAMeta``), so tests of the kernels also test
@@ -87,7 +87,7 @@ def lora_gather_reference(
     slice_widths: Sequence[int],
 ) -> torch.Tensor:
     """shrink then expand with every token gathering its own slot's weights: device work only, no host
-    read and no data-dependent shape, so a CUDA graph (or tests/engine/test_graph_capture.py's op
+    read and no data-dependent shape, so a CUDA graph (or tests/model/test_graph_capture.py's op
     recording) may capture it. Rank padding and slot −1 are masked, not skipped."""
     slots = token_slots.long()
     used = slots >= 0

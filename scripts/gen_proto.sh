@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the Python modules of the API (messages, stubs, type stubs) from the .proto files.
 #   bash scripts/gen_proto.sh [OUT_DIR]   (default: beside the .proto files, where they are committed)
-# Needs grpcio-tools (the dev and test extras). tests/api/test_proto_generated.py checks that the
+# Needs grpcio-tools (the dev and test extras). tests/proto/test_proto_generated.py checks that the
 # committed modules match what this script produces.
 set -euo pipefail
 cd "$(dirname "$0")/.."

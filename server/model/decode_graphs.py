@@ -5,7 +5,7 @@ size (`batch_sizes`: 1, 2, 4, 8, 16, 32, 64, then steps of 32). Each size is cap
 "lora" variant runs the LoRA op only, the "vectors" variant also DoRA's and IA3's per-slot vectors
 (`LoRALinear.out_scale`, `ia3_in`), which exist from wrap time on; a step takes "vectors" when one of
 its slots holds a DoRA or IA3 adapter. Nothing the captured forward branches on changes after capture
-(tests/engine/test_graph_capture.py records the op sequence and replays it against eager steps).
+(tests/model/test_graph_capture.py records the op sequence and replays it against eager steps).
 
 Every input a graph reads lives at a fixed place of one pinned host buffer and its device twin
 (`StepBuffers`), laid out once:

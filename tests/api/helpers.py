@@ -11,6 +11,8 @@ from loraplex.server.api.config import ServerConfig
 from loraplex.server.api.server import LoraplexServer
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig
 
+PROMPT = "Q: Where do fish live?\nA:"
+
 
 def engine_config(model_dir: Path, *, adapter_root: Path | None = None, kv_tokens: int = 1024,
                   max_rank: int = 16, max_device_adapters: int = 4) -> EngineConfig:

@@ -29,7 +29,7 @@ from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from tests.api.helpers import ServerThread, engine_config, wait_idle
 from tests.api.test_docs import documented_refusal_statuses
-from tests.engine.helpers import make_lora_adapter
+from tests.engine_support import make_lora_adapter
 
 FUZZ_CASES = int(os.environ.get("LORAPLEX_FUZZ_CASES", 150))
 SLOW_CASES = 2000

@@ -23,25 +23,15 @@ from loraplex import clients
 from loraplex.clients import Client
 from loraplex.server.api import openai_protocol
 from loraplex.server.api.config import ServerConfig
-from tests.api.helpers import ServerThread, engine_config, scrape
-from tests.engine.helpers import make_lora_adapter
+from tests.api.helpers import PROMPT, ServerThread, engine_config, scrape
 
 pytestmark = pytest.mark.timeout(300)
 
-PROMPT = "Q: Where do fish live?\nA:"
 TOKEN = "admin-secret"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where do fish live?"}]
 LONG = 1000  # tokens: seconds of decoding, so a disconnected request is surely cut short
-
-
-@pytest.fixture(scope="module")
-def adapter_root(demo_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("http-adapters")
-    make_lora_adapter(demo_model_dir, root / "small", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    make_lora_adapter(demo_model_dir, root / "other", seed=2, r=8, lora_alpha=16, target_modules=["o_proj"])
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,7 @@ from loraplex import clients
 from loraplex.clients import Client
 from loraplex.server.api.config import ServerConfig
 from loraplex.server.cli import main
-from tests.api.helpers import ServerThread, engine_config, fetch
-from tests.engine.helpers import make_lora_adapter
-
-PROMPT = "Q: Where do fish live?\nA:"
-
-
-@pytest.fixture(scope="module")
-def adapter_root(demo_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("api-adapters")
-    make_lora_adapter(demo_model_dir, root / "small", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    make_lora_adapter(demo_model_dir, root / "wide", seed=2, r=32, lora_alpha=8, target_modules=["q_proj"])
-    return root
+from tests.api.helpers import PROMPT, ServerThread, engine_config, fetch
 
 
 @pytest.fixture(scope="module")

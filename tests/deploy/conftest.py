@@ -142,7 +142,7 @@ def repo_layout(demo_model_dir, tmp_path_factory) -> Path:
     """<tmp>/repo: alpha, beta, gamma (one LoRA adapter, copied), broken (not an adapter), escape (a
     symlink to <tmp>/x); <tmp>/x: a valid adapter outside the repository, so that only the refusal
     rules keep '../x', absolute paths and the symlink from being served."""
-    from tests.engine.helpers import make_lora_adapter
+    from tests.engine_support import make_lora_adapter
 
     top = tmp_path_factory.mktemp("adapter-repo")
     repo = top / "repo"

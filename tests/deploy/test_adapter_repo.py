@@ -16,7 +16,7 @@ from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, Mod
 from loraplex.server.engine.engine import AsyncEngine, GenerationRequest, LLMEngine
 from loraplex.server.model.sampling import SamplingParams
 from tests.deploy.conftest import ADMIN_TOKEN
-from tests.engine.helpers import PROMPTS, run_until_done, submit
+from tests.engine_support import PROMPTS, run_until_done, submit
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,10 +13,10 @@ import pytest
 
 from loraplex import clients
 from loraplex.clients import AsyncClient
-from tests.api.helpers import scrape
+from loraplex.server.demo.cli import scrape
 from tests.e2e.conftest import ADMIN_TOKEN
+from tests.engine_support import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 from tests.servers import start_server
-from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
 
 ADAPTERS = ("pirate", "shout")
 LONG = 1000  # tokens: seconds of decoding on a CPU, so a cancelled request is surely cut short

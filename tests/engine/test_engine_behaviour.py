@@ -11,7 +11,7 @@ from loraplex.server.errors import AlreadyExists, InvalidArgument, NotFound, Per
 from loraplex.server.engine.engine import AsyncEngine, GenerationRequest
 from loraplex.server.config import AdapterConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from loraplex.server.model.sampling import SamplingParams
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

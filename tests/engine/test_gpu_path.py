@@ -17,7 +17,7 @@ from loraplex.server.adapters import loader as adapter_loader
 from loraplex.server.config import EngineConfig, ModelConfig, CacheConfig
 from loraplex.server.engine.engine import AsyncEngine, GenerationRequest
 from loraplex.server.model.sampling import SamplingParams
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 
 def test_unfused_groups_hold_nothing_after_a_layer(demo_model_dir, tmp_path):
@@ -62,7 +62,7 @@ class _Allocations(TorchDispatchMode):
 def test_dora_norms_never_copy_a_whole_weight_to_float32(demo_model_dir, tmp_path, monkeypatch):
     """A half-precision base weight (as on a GPU): the norms are taken in bounded float32 blocks where
     the weight lives, and come back on the host."""
-    from tests.engine.test_adapter_types import make_adapter
+    from tests.engine_support import make_adapter
 
     adapter = make_adapter(demo_model_dir, tmp_path / "dora", "dora", seed=3)
     engine = make_engine(demo_model_dir)

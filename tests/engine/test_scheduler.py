@@ -19,7 +19,7 @@ from loraplex.server.errors import InvalidArgument
 from loraplex.server.config import SchedulerConfig
 from loraplex.server.engine.scheduler import Scheduler
 from loraplex.server.engine.sequence import Sequence, SequenceStatus
-from tests.engine.block_invariants import assert_block_invariants
+from tests.block_invariants import assert_block_invariants
 
 VOCAB = 997
 

@@ -10,7 +10,7 @@ import pytest
 
 from loraplex.server.adapters.store import AdapterState
 from loraplex.server.errors import FailedPrecondition
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 POISON = 2047
 """A token id whose embedding lookup the request-fault test makes fail."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from loraplex.kernels.triton import expand, shrink
-from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
-from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
+from tests.engine_support import (PROMPTS, TYPE_CONFIGS, load_peft, make_adapter, make_engine, oracle, run_until_done,
+                                  submit)
 
 MAX_NEW = 4
 KINDS = ("lora-mixed-ranks", "dora", "adalora", "ia3", "prefix", "prompt", "p-tuning")

@@ -14,7 +14,7 @@ import torch
 
 from loraplex.kernels import meta as meta_module
 from loraplex.server.model import step_buffers
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 ROOT = Path(meta_module.__file__).resolve().parents[1]
 # the step's device-side code on every platform (CPU-only C kernels and their bindings are not on a GPU's path)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from loraplex.server.model.decode_graphs import DecodeGraphs, batch_sizes
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 
 def test_batch_sizes_double_to_64_then_step_by_32():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from loraplex.server.config import SchedulerConfig
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 
 def test_steps_at_the_budget_keep_the_start_up_buffers(demo_model_dir, tmp_path, caplog):

@@ -1,4 +1,4 @@
-"""The decode CUDA graphs, captured on CPU as op recordings (tests/engine/graph_record.py) on a fresh
+"""The decode CUDA graphs, captured on CPU as op recordings (tests/model/graph_record.py) on a fresh
 engine with no adapter, then replayed for every adapter type loaded afterwards.
 
 What a captured graph runs is fixed at capture: any Python branch on state that changes later (which
@@ -16,9 +16,8 @@ from loraplex.kernels import backend as kernel_backend
 from loraplex.kernels import testing
 from loraplex.server.model import attention
 from loraplex.server.model.decode_graphs import VARIANTS, DecodeGraphs
-from tests.engine.graph_record import recorder
-from tests.engine.helpers import PROMPTS, make_engine, run_until_done, submit
-from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
+from tests.model.graph_record import recorder
+from tests.engine_support import PROMPTS, TYPE_CONFIGS, make_adapter, make_engine, run_until_done, submit
 
 
 @pytest.fixture

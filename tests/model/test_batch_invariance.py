@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from loraplex.server.model import quantization
-from tests.engine.helpers import PROMPTS, load_peft, make_engine, oracle, run_until_done, submit
-from tests.engine.test_adapter_types import TYPE_CONFIGS, make_adapter
+from tests.engine_support import (PROMPTS, TYPE_CONFIGS, load_peft, make_adapter, make_engine, oracle, run_until_done,
+                                  submit)
 
 MAX_NEW = 4
 

@@ -4,52 +4,17 @@ or tensor; malformed files end in FAILED_PRECONDITION, never in a Python excepti
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.engine.helpers import make_engine, make_lora_adapter, run_until_done, submit
+from tests.adapters.broken import assert_refused, edit_config, edit_tensors
+from tests.engine_support import run_until_done, submit
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-
-
-@pytest.fixture(scope="module")
-def engine(demo_model_dir):
-    return make_engine(demo_model_dir, max_rank=16)
-
-
-@pytest.fixture(scope="module")
-def good(demo_model_dir, tmp_path_factory):
-    return make_lora_adapter(demo_model_dir, tmp_path_factory.mktemp("good") / "a", seed=1, r=4,
-                             target_modules=["q_proj", "v_proj"])
-
-
-@pytest.fixture
-def copy(good, tmp_path):
-    return shutil.copytree(good, tmp_path / "copy")
-
-
-def _config(path, **changes):
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _tensors(path, **changes):
-    tensors = load_file(path / "adapter_model.safetensors")
-    tensors.update(changes)
-    save_file(tensors, path / "adapter_model.safetensors")
-
-
-def _refused(engine, source, match):
-    before = engine.list_adapters()
-    with pytest.raises(FailedPrecondition, match=match):
-        engine.register_adapter("refused", str(source))
-    assert engine.list_adapters() == before
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -74,31 +39,31 @@ def _refused(engine, source, match):
     ("task_type", 3, r"has task_type 3; only CAUSAL_LM is served"),
 ])
 def test_config_fields_are_type_and_range_checked(engine, copy, field, value, match):
-    _config(copy, **{field: value})
-    _refused(engine, copy, match)
+    edit_config(copy, **{field: value})
+    assert_refused(engine, copy, match)
 
 
 def test_target_modules_not_in_the_base_model(engine, copy):
     """The tensors fit q_proj and v_proj, but peft would find no `foo_proj` and refuse the adapter."""
-    _config(copy, target_modules=["foo_proj"])
-    _refused(engine, copy, r"target_modules \['foo_proj'\] not found in the base model")
+    edit_config(copy, target_modules=["foo_proj"])
+    assert_refused(engine, copy, r"target_modules \['foo_proj'\] not found in the base model")
 
 
 def test_weights_of_modules_the_config_leaves_out(engine, copy):
-    _config(copy, target_modules=["q_proj"])
-    _refused(engine, copy, r"holds weights for model.layers.0.self_attn.v_proj, which its target_modules")
-    _config(copy, target_modules=["q_proj", "v_proj"], layers_to_transform=[0])
-    _refused(engine, copy, r"holds weights for model.layers.1.self_attn.q_proj")
+    edit_config(copy, target_modules=["q_proj"])
+    assert_refused(engine, copy, r"holds weights for model.layers.0.self_attn.v_proj, which its target_modules")
+    edit_config(copy, target_modules=["q_proj", "v_proj"], layers_to_transform=[0])
+    assert_refused(engine, copy, r"holds weights for model.layers.1.self_attn.q_proj")
 
 
-def test_rank_zero_tensors(engine, copy):
-    _tensors(copy, **{Q_A: torch.zeros(0, 256), Q_B: torch.zeros(256, 0)})
-    _refused(engine, copy, r"q_proj has lora_A of rank 0, but its config gives rank 4")
+def test_rank_zeroedit_tensors(engine, copy):
+    edit_tensors(copy, **{Q_A: torch.zeros(0, 256), Q_B: torch.zeros(256, 0)})
+    assert_refused(engine, copy, r"q_proj has lora_A of rank 0, but its config gives rank 4")
 
 
 def test_rank_against_rank_pattern(engine, copy):
-    _config(copy, rank_pattern={"layers.0.self_attn.q_proj": 2})
-    _refused(engine, copy, r"layers.0.self_attn.q_proj has lora_A of rank 4, but its config gives rank 2")
+    edit_config(copy, rank_pattern={"layers.0.self_attn.q_proj": 2})
+    assert_refused(engine, copy, r"layers.0.self_attn.q_proj has lora_A of rank 4, but its config gives rank 2")
 
 
 @pytest.mark.parametrize("tensor, match", [
@@ -110,12 +75,12 @@ def test_rank_against_rank_pattern(engine, copy):
     (torch.ones(4, 256, 1), r"has shape \(4, 256, 1\), expected 2 dimensions"),
 ])
 def test_tensor_dtype_finiteness_and_dimensions(engine, copy, tensor, match):
-    _tensors(copy, **{Q_A: tensor})
-    _refused(engine, copy, match)
+    edit_tensors(copy, **{Q_A: tensor})
+    assert_refused(engine, copy, match)
 
 
 def test_half_precision_weights_are_served(engine, copy):
-    _tensors(copy, **{k: v.half() for k, v in load_file(copy / "adapter_model.safetensors").items()})
+    edit_tensors(copy, **{k: v.half() for k, v in load_file(copy / "adapter_model.safetensors").items()})
     assert engine.register_adapter("half", str(copy)).max_rank == 4
     engine.unregister_adapter("half")
 
@@ -123,15 +88,15 @@ def test_half_precision_weights_are_served(engine, copy):
 def test_bounded_config_parsing(engine, copy):
     path = copy / "adapter_config.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
-    _refused(engine, copy, "nested deeper than 16 levels")
+    assert_refused(engine, copy, "nested deeper than 16 levels")
     path.write_text(json.dumps({"peft_type": "LORA", "x": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}))
-    _refused(engine, copy, "nested deeper than 16 levels")
+    assert_refused(engine, copy, "nested deeper than 16 levels")
     path.write_text(json.dumps({"peft_type": "LORA", "pad": "x" * (2 << 20)}))
-    _refused(engine, copy, r"is larger than 1048576 bytes")
+    assert_refused(engine, copy, r"is larger than 1048576 bytes")
     path.write_text('{"peft_type": "LORA", "r": ' + "9" * 5000 + "}")
-    _refused(engine, copy, "not valid JSON")
+    assert_refused(engine, copy, "not valid JSON")
     path.write_bytes(b'{"peft_type": "\xff"}')
-    _refused(engine, copy, "not valid JSON")
+    assert_refused(engine, copy, "not valid JSON")
 
 
 def test_ia3_orientation_follows_feedforward_modules(engine, tmp_path):
@@ -149,7 +114,7 @@ def test_ia3_orientation_follows_feedforward_modules(engine, tmp_path):
     assert engine.register_adapter("ia3", str(path)).peft_type == "IA3"
     engine.unregister_adapter("ia3")
     (path / "adapter_config.json").write_text(json.dumps({**config, "feedforward_modules": ["k_proj"]}))
-    _refused(engine, path, r"layers.0.mlp.down_proj has ia3_l \(1, 704\), but feedforward_modules makes it \[256, 1\]")
+    assert_refused(engine, path, r"layers.0.mlp.down_proj has ia3_l \(1, 704\), but feedforward_modules makes it \[256, 1\]")
 
 
 def test_virtual_token_count(engine, tmp_path):
@@ -160,7 +125,7 @@ def test_virtual_token_count(engine, tmp_path):
                          (None, "num_virtual_tokens is None")]:
         (path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING",
                                                               "num_virtual_tokens": count}))
-        _refused(engine, path, match)
+        assert_refused(engine, path, match)
 
 
 def test_malformed_pickle(engine, copy):

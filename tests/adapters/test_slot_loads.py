@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 
 @pytest.fixture

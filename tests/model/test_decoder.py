@@ -11,7 +11,7 @@ from torch import nn
 from loraplex.kernels.backend import Backend
 from loraplex.kernels.cpu import native
 from loraplex.server.model.decoder import DecoderForward
-from tests.engine.helpers import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
+from tests.engine_support import PROMPTS, make_engine, make_lora_adapter, run_until_done, submit
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,7 +64,7 @@ def test_sliding_window_models_match_the_transformers_oracle(demo_model_factory,
     import json
     import shutil
 
-    from tests.engine.helpers import load_peft, oracle
+    from tests.engine_support import load_peft, oracle
 
     base_dir = tmp_path / arch
     shutil.copytree(demo_model_factory(arch), base_dir)

@@ -3,85 +3,53 @@ and the refusal leaves the registry as it was."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplex.server.errors import FailedPrecondition, NotFound
-from tests.engine.helpers import make_engine, make_lora_adapter
-
-
-@pytest.fixture(scope="module")
-def engine(demo_model_dir):
-    return make_engine(demo_model_dir, max_rank=16)
-
-
-@pytest.fixture(scope="module")
-def good(demo_model_dir, tmp_path_factory):
-    return make_lora_adapter(demo_model_dir, tmp_path_factory.mktemp("good") / "a", seed=1, r=4,
-                             target_modules=["q_proj", "v_proj"])
-
-
-def _copy(good, tmp_path, name="copy"):
-    return shutil.copytree(good, tmp_path / name)
-
-
-def _edit_config(path, **changes):
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _refused(engine, source, match):
-    before = engine.list_adapters()
-    with pytest.raises(FailedPrecondition, match=match):
-        engine.register_adapter("refused", str(source))
-    assert engine.list_adapters() == before
-    with pytest.raises(NotFound):
-        engine.get_adapter("refused")
+from loraplex.server.errors import NotFound
+from tests.adapters.broken import assert_refused, copy_adapter, edit_config
+from tests.engine_support import make_lora_adapter
 
 
 def test_wrong_shapes(engine, good, tmp_path):
-    path = _copy(good, tmp_path)
+    path = copy_adapter(good, tmp_path)
     tensors = load_file(path / "adapter_model.safetensors")
     key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
     tensors[key] = torch.randn(4, 100)
     save_file(tensors, path / "adapter_model.safetensors")
-    _refused(engine, path, r"q_proj has lora_A \(4, 100\).*maps 256 -> 256 features")
+    assert_refused(engine, path, r"q_proj has lora_A \(4, 100\).*maps 256 -> 256 features")
 
 
 def test_unknown_module(engine, demo_model_dir, tmp_path):
     path = make_lora_adapter(demo_model_dir, tmp_path / "head", seed=2, r=4, target_modules=["lm_head"])
-    _refused(engine, path, "targets lm_head, which is not a linear projection of this base model's decoder layers")
+    assert_refused(engine, path, "targets lm_head, which is not a linear projection of this base model's decoder layers")
 
 
 def test_rank_above_max_rank(engine, demo_model_dir, tmp_path):
     path = make_lora_adapter(demo_model_dir, tmp_path / "big", seed=3, r=32, target_modules=["q_proj"])
-    _refused(engine, path, "has rank 32, above the server's max_rank 16")
+    assert_refused(engine, path, "has rank 32, above the server's max_rank 16")
 
 
 def test_modules_to_save(engine, demo_model_dir, tmp_path):
     path = make_lora_adapter(demo_model_dir, tmp_path / "mts", seed=4, r=4, target_modules=["q_proj"],
                              modules_to_save=["lm_head"])
-    _refused(engine, path, "modules_to_save")
+    assert_refused(engine, path, "modules_to_save")
 
 
 def test_pickled_weights(engine, good, tmp_path):
-    path = _copy(good, tmp_path)
+    path = copy_adapter(good, tmp_path)
     tensors = load_file(path / "adapter_model.safetensors")
     (path / "adapter_model.safetensors").unlink()
     torch.save(tensors, path / "adapter_model.bin")
-    _refused(engine, path, "pickled adapter_model.bin")
+    assert_refused(engine, path, "pickled adapter_model.bin")
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
 def test_weight_rewriting_init(engine, good, tmp_path, init):
-    path = _copy(good, tmp_path)
-    _edit_config(path, init_lora_weights=init)
-    _refused(engine, path, f"init_lora_weights='{init}', which rewrites the base weights")
+    path = copy_adapter(good, tmp_path)
+    edit_config(path, init_lora_weights=init)
+    assert_refused(engine, path, f"init_lora_weights='{init}', which rewrites the base weights")
 
 
 def test_other_unsupported_options(engine, good, tmp_path):
@@ -90,18 +58,18 @@ def test_other_unsupported_options(engine, good, tmp_path):
         ("trainable-tokens", {"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
         ("replication", {"layer_replication": [[0, 2]]}, "layer_replication"),
     ]:
-        path = _copy(good, tmp_path, name)
-        _edit_config(path, **change)
-        _refused(engine, path, match)
+        path = copy_adapter(good, tmp_path, name)
+        edit_config(path, **change)
+        assert_refused(engine, path, match)
 
 
 def test_not_an_adapter_directory(engine, tmp_path):
     (tmp_path / "empty").mkdir()
-    _refused(engine, tmp_path / "empty", "no adapter_config.json")
+    assert_refused(engine, tmp_path / "empty", "no adapter_config.json")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{not json")
-    _refused(engine, broken, "not valid JSON")
+    assert_refused(engine, broken, "not valid JSON")
     with pytest.raises(NotFound, match="is not a directory"):
         engine.register_adapter("missing", str(tmp_path / "missing"))
 
@@ -118,10 +86,10 @@ def test_unreadable_weights_file(engine, good, tmp_path, monkeypatch, read_whole
     from loraplex.server.adapters import loader as adapter_loader
 
     monkeypatch.setattr(adapter_loader, "READ_WHOLE_BYTES", 64 << 20 if read_whole else 0)
-    path = _copy(good, tmp_path)
+    path = copy_adapter(good, tmp_path)
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    _refused(engine, path, "adapter_model.safetensors cannot be read")
+    assert_refused(engine, path, "adapter_model.safetensors cannot be read")
 
 
 @pytest.mark.parametrize("read_whole", [True, False])

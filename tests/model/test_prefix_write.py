@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.graph_record import RecordedForward
-from tests.engine.helpers import make_engine
+from tests.model.graph_record import RecordedForward
+from tests.engine_support import make_engine
 
 MADE_FROM_HOST_DATA = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten.scalar_tensor.default"}
 

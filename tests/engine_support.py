@@ -1,4 +1,5 @@
-"""Shared pieces of the engine tests: peft-made adapters, the peft oracle, and a synchronous driver."""
+"""Shared by the tests of every folder that runs an engine: peft-made adapters of every type, the peft
+oracle, and a synchronous driver that checks the block manager after every step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from loraplex.server.engine.engine import GenerationRequest, LLMEngine, RequestO
 from loraplex.server.model.quantization import bnb_config, keep_bnb_off_packed_cpu_path
 from loraplex.server.model.sampling import SamplingParams
 from loraplex.server.train.greedy import greedy_decode
-from tests.engine.block_invariants import assert_block_invariants
+from tests.block_invariants import assert_block_invariants
 
 PROMPTS = [
     "Q: Where do fish live?\nA:",
@@ -121,3 +122,48 @@ def run_until_done(engine: LLMEngine, max_steps: int = 10_000) -> int:
         steps += 1
         assert steps < max_steps, "engine did not finish"
     return steps
+
+
+# Every PEFT adapter type, each with non-default options where peft has them.
+TYPE_CONFIGS = {
+    "lora": lambda: _peft().LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: _peft().LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "adalora": lambda: _peft().AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=12,
+                                             target_modules=["q_proj", "v_proj", "up_proj"]),
+    "ia3": lambda: _peft().IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"]),
+    "prefix": lambda: _peft().PrefixTuningConfig(num_virtual_tokens=5),
+    "prefix-projection": lambda: _peft().PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True,
+                                                            encoder_hidden_size=48),
+    "prompt": lambda: _peft().PromptTuningConfig(num_virtual_tokens=7),
+    "p-tuning": lambda: _peft().PromptEncoderConfig(num_virtual_tokens=6, encoder_hidden_size=64),
+}
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+def make_adapter(base_dir: Path, out_dir: Path, kind: str, seed: int) -> Path:
+    """A peft adapter of `kind` with non-trivial random weights (none of peft's identity inits)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = TYPE_CONFIGS[kind]()
+    config.task_type = "CAUSAL_LM"
+    model = _peft().get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_E" in name:  # AdaLoRA starts with E = 0, i.e. no effect
+                param.normal_(0.0, 0.5)
+            elif "ia3_l" in name or "lora_magnitude_vector" in name:  # ones / the base norms
+                param.mul_(1.0 + 0.3 * torch.randn_like(param))
+            elif "lora_" in name:
+                param.normal_(0.0, 0.15)
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.helpers import PROMPTS, load_peft, make_engine, make_lora_adapter, oracle, run_until_done, submit
+from tests.engine_support import PROMPTS, load_peft, make_engine, make_lora_adapter, oracle, run_until_done, submit
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
