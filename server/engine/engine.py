@@ -578,7 +578,7 @@ class AsyncEngine:
         runner, model, adapters = self.engine.runner, config.model, config.adapters
         self._info = ServerInfo(
             model_path=str(model.path), architectures=tuple(runner.hf_config.architectures or ()),
-            quantization=model.quantization, dtype=model.dtype, device=model.device,
+            quantization=model.quantization, dtype=model.dtype, device=str(runner.device),
             int8_threshold=model.int8_threshold, batch_invariant=model.batch_invariant,
             max_model_len=self.engine.scheduler.config.max_model_len,
             kv_cache_tokens=runner.num_blocks * runner.block_size, block_size=runner.block_size,

@@ -176,9 +176,12 @@ class ModelRunner:
             return max(1, int(free * cache.memory_fraction) // per_block - 1)  # less the scratch block
         return -(-CPU_DEFAULT_KV_TOKENS // cache.block_size)
 
+    def lora_pools(self) -> list:
+        """Each projection group's pool, once (a group's projections share it)."""
+        return list({id(module.group): module.group.pool for module in self.lora_table.values()}.values())
+
     def lora_bytes(self) -> int:
-        groups = {id(module.group): module.group for module in self.lora_table.values()}
-        return sum(group.pool.nbytes() for group in groups.values())
+        return sum(pool.nbytes() for pool in self.lora_pools())
 
     def _base_weight(self, path: str) -> torch.Tensor:
         """The projection's weight [out, in] on its device in its dtype, dequantized as peft does for DoRA
@@ -256,7 +259,7 @@ class ModelRunner:
         runs: list[list[int]] = []  # [first block, positions]: consecutive blocks hold consecutive positions
         for i, block in enumerate(blocks[: -(-length // bs)]):
             n = min(bs, length - i * bs)
-            if runs and runs[-1][0] * bs + runs[-1][1] == block * bs and runs[-1][1] % bs == 0:
+            if runs and runs[-1][0] * bs + runs[-1][1] == block * bs:
                 runs[-1][1] += n
             else:
                 runs.append([block, n])
@@ -291,8 +294,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return
         started = time.perf_counter()
-        pools = list({id(module.group): module.group.pool for module in self.lora_table.values()}.values())
-        launches = self.backend.warm_up(pools)
+        launches = self.backend.warm_up(self.lora_pools())
         torch.cuda.synchronize(self.device)
         log.info("compiled the LoRA kernels' variants (%d launches) in %.1f s", launches, time.perf_counter() - started)
 
